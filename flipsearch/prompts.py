@@ -1,0 +1,197 @@
+"""Prompt sets: loading, validation and the seeded search/holdout split."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from flipsearch._resources import data_path
+from flipsearch.errors import FlipsearchError
+
+KINDS = ("harmful", "benign", "reasoning")
+BUILTIN_SETS = ("harmful", "benign", "reasoning")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a prompt set; ``answer`` is the reference answer of a reasoning prompt."""
+
+    id: str
+    kind: str
+    category: str
+    text: str
+    answer: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_prompts(source: str | Path, kind: str | None = None) -> list[Prompt]:
+    """Load a prompt set from JSONL, CSV or Parquet, a built-in set, or a datasets name.
+
+    ``source`` may be a file path, ``builtin:harmful|benign|reasoning``, or ``hf:NAME[:SPLIT]``
+    (needs the ``datasets`` package). Rows need a ``prompt`` column; ``kind`` may come from the
+    argument instead of a column; ``id`` and ``category`` default to the row number and
+    ``uncategorised``. Every problem is reported with the file and line.
+    """
+    text = str(source)
+    if text.startswith("builtin:"):
+        name = text.removeprefix("builtin:")
+        if name not in BUILTIN_SETS:
+            raise FlipsearchError(f"unknown built-in prompt set {name!r}; choose {BUILTIN_SETS}")
+        return load_prompts(data_path("data") / "prompts" / f"{name}.jsonl", kind)
+    if text.startswith("hf:"):
+        return _from_rows(_read_datasets(text.removeprefix("hf:")), text, kind)
+    path = Path(source)
+    if not path.is_file():
+        raise FlipsearchError(f"prompt file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in {".jsonl", ".json", ".ndjson"}:
+        rows = _read_jsonl(path)
+    elif suffix == ".csv":
+        rows = _read_csv(path)
+    elif suffix == ".parquet":
+        rows = _read_parquet(path)
+    else:
+        raise FlipsearchError(
+            f"{path}: unsupported prompt file type {suffix!r} (jsonl, csv, parquet)"
+        )
+    return _from_rows(rows, str(path), kind)
+
+
+def builtin_prompts() -> list[Prompt]:
+    """The team-written harmful, benign and reasoning sets shipped with flipsearch."""
+    return [p for name in BUILTIN_SETS for p in load_prompts(f"builtin:{name}")]
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FlipsearchError(f"{path}:{number}: malformed JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise FlipsearchError(f"{path}:{number}: expected a JSON object per line")
+            rows.append((number, row))
+    return rows
+
+
+def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            # Line numbers count the header as line 1, as an editor would.
+            return [(reader.line_num, dict(row)) for row in reader]
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise FlipsearchError(f"{path}: malformed CSV ({exc})") from exc
+
+
+def _read_parquet(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
+        raise FlipsearchError(f"{path}: cannot read Parquet ({exc})") from exc
+    return [
+        (i + 1, {str(k): v for k, v in row.items()})
+        for i, row in enumerate(frame.to_dict(orient="records"))
+    ]
+
+
+def _read_datasets(spec: str) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise FlipsearchError(
+            "hf: prompt sets need the datasets package: pip install datasets"
+        ) from exc
+    name, _, split = spec.partition(":")
+    try:
+        dataset = datasets.load_dataset(name, split=split or "train")
+    except Exception as exc:  # datasets raises many types for a missing or offline dataset
+        raise FlipsearchError(f"cannot load dataset {name!r}: {exc}") from exc
+    return [(i + 1, dict(row)) for i, row in enumerate(dataset)]
+
+
+def _from_rows(
+    rows: Iterable[tuple[int, dict[str, Any]]], where: str, kind: str | None
+) -> list[Prompt]:
+    if kind is not None and kind not in KINDS:
+        raise FlipsearchError(f"unknown prompt kind {kind!r}; choose one of {KINDS}")
+    prompts: list[Prompt] = []
+    seen: dict[str, int] = {}
+    for number, row in rows:
+        at = f"{where}:{number}"
+        text = row.get("prompt")
+        if not isinstance(text, str) or not text.strip():
+            raise FlipsearchError(f"{at}: missing or empty 'prompt'")
+        row_kind = _clean(row.get("kind")) or kind
+        if row_kind is None:
+            raise FlipsearchError(f"{at}: no 'kind' column and no kind given (one of {KINDS})")
+        if row_kind not in KINDS:
+            raise FlipsearchError(f"{at}: unknown kind {row_kind!r}; expected one of {KINDS}")
+        prompt_id = _clean(row.get("id")) or f"{Path(where).stem}-{number}"
+        if prompt_id in seen:
+            raise FlipsearchError(
+                f"{at}: duplicate id {prompt_id!r} (first on line {seen[prompt_id]})"
+            )
+        seen[prompt_id] = number
+        answer = _clean(row.get("answer"))
+        if row_kind == "reasoning" and answer is None:
+            raise FlipsearchError(f"{at}: reasoning prompt {prompt_id!r} has no 'answer'")
+        category = _clean(row.get("category")) or "uncategorised"
+        prompts.append(Prompt(prompt_id, row_kind, category, text, answer))
+    if not prompts:
+        raise FlipsearchError(f"{where}: the prompt set is empty")
+    return prompts
+
+
+def _clean(value: Any) -> str | None:
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def split_harmful(
+    prompts: Sequence[Prompt], holdout_fraction: float = 0.3, seed: int = 0
+) -> tuple[list[Prompt], list[Prompt]]:
+    """Split harmful prompts into search and holdout, stratified by category, seeded.
+
+    The holdout split is only used to re-score the search's best contexts, so the reported
+    winner's rate is not the maximum of many noisy estimates.
+    """
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise FlipsearchError(f"holdout fraction must be in [0, 1), got {holdout_fraction}")
+    by_category: dict[str, list[Prompt]] = defaultdict(list)
+    for prompt in prompts:
+        by_category[prompt.category].append(prompt)
+    rng = random.Random(seed)
+    # Largest-remainder allocation: the holdout has round(n * fraction) prompts overall and each
+    # category its proportional share, even when categories are small (e.g. under --limit).
+    categories = sorted(by_category)
+    exact = {c: len(by_category[c]) * holdout_fraction for c in categories}
+    quota = {c: int(exact[c]) for c in categories}
+    remainder = round(len(prompts) * holdout_fraction) - sum(quota.values())
+    tie_break = {c: rng.random() for c in categories}
+    for c in sorted(categories, key=lambda c: (-(exact[c] - quota[c]), tie_break[c]))[:remainder]:
+        quota[c] += 1
+    holdout_ids: set[str] = set()
+    for category in categories:
+        members = sorted(by_category[category], key=lambda p: p.id)
+        rng.shuffle(members)
+        holdout_ids.update(p.id for p in members[: quota[category]])
+    search = [p for p in prompts if p.id not in holdout_ids]
+    holdout = [p for p in prompts if p.id in holdout_ids]
+    return search, holdout

@@ -1,0 +1,172 @@
+"""The run report: one self-contained HTML file, re-rendered from a run directory's files.
+
+Templates and the stylesheet live in ``reports/`` so a user can restyle a report without
+touching code. Plots are matplotlib PNGs embedded as data URIs; all model text is escaped by
+Jinja2's autoescaping (generations are untrusted input).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from flipsearch._resources import data_path
+from flipsearch.errors import FlipsearchError
+from flipsearch.fliprate import Rate
+
+
+def render_report(run_dir: str | Path, templates: str | Path | None = None) -> Path:
+    """(Re)write ``report.html`` in a run directory from its files; returns the path."""
+    run_dir = Path(run_dir)
+    for name in ("run.json", "results.jsonl", "leaderboard.csv"):
+        if not (run_dir / name).is_file():
+            raise FlipsearchError(f"{run_dir} is not a finished run: {name} is missing")
+    info = json.loads((run_dir / "run.json").read_text())
+    leaderboard = pd.read_csv(run_dir / "leaderboard.csv")
+    results = pd.read_json(run_dir / "results.jsonl", lines=True, dtype={"context": "object"})
+    folder = Path(templates) if templates is not None else data_path("reports")
+    env = Environment(loader=FileSystemLoader(folder), autoescape=select_autoescape(["html", "j2"]))
+    env.filters["pct"] = _pct
+    winner_id = info.get("winner")
+    winner = (
+        leaderboard[leaderboard["context"] == winner_id].iloc[0].to_dict() if winner_id else None
+    )
+    best_context = _read_best_context(run_dir)
+    html = env.get_template("report.html.j2").render(
+        info=info,
+        config=info.get("config", {}),
+        winner=winner,
+        best_context=best_context,
+        leaderboard=leaderboard.to_dict(orient="records"),
+        student_unsafe=_rate(info.get("student_unsafe_rate_search")),
+        student_unsafe_holdout=_rate(info.get("student_unsafe_rate_holdout")),
+        student_benign=_rate(info.get("student_benign_refusal")),
+        examples=flip_examples(results, winner_id) if winner_id else [],
+        categories=category_rates(results, winner_id) if winner_id else [],
+        invalid=_invalid_counts(results),
+        flip_plot=_flip_rate_plot(leaderboard),
+        stylesheet=(folder / "style.css").read_text(encoding="utf-8"),
+    )
+    path = run_dir / "report.html"
+    staging = path.with_name("report.html.tmp")
+    staging.write_text(html, encoding="utf-8")
+    staging.replace(path)
+    leaderboard.to_csv(run_dir / "leaderboard.csv", index=False)
+    return path
+
+
+def _read_best_context(run_dir: Path) -> dict[str, Any] | None:
+    import yaml
+
+    path = run_dir / "best_context.yaml"
+    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _pct(value: Any) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "–"
+    return "–" if number != number else f"{number:.1%}"
+
+
+def _rate(data: dict[str, float] | None) -> str:
+    return str(Rate.of(data["successes"], data["n"])) if data else "–"
+
+
+def _paired(results: pd.DataFrame, context: str) -> pd.DataFrame:
+    """Teacher rows of ``context`` on harmful prompts joined with the student's rows."""
+    harmful = results[results["kind"] == "harmful"]
+    student = harmful[harmful["context"].isna()]
+    teacher = harmful[harmful["context"] == context]
+    return teacher.merge(student, on=["prompt_id", "split", "sample"], suffixes=("", "_student"))
+
+
+def flip_examples(results: pd.DataFrame, context: str, limit: int = 12) -> list[dict[str, Any]]:
+    """Side-by-side examples: flips first (held-out before search), then unflips, then others."""
+    paired = _paired(results, context)
+    if paired.empty:
+        return []
+    student_unsafe = (
+        paired["unsafe_student"].fillna(False).astype(bool) & ~paired["invalid_student"]
+    )
+    teacher_safe = ~paired["unsafe"].fillna(True).astype(bool) & ~paired["invalid"]
+    teacher_unsafe = paired["unsafe"].fillna(False).astype(bool) & ~paired["invalid"]
+    paired = paired.assign(
+        outcome=[
+            "flip" if f else "unflip" if u else "unchanged"
+            for f, u in zip(
+                student_unsafe & teacher_safe, ~student_unsafe & teacher_unsafe, strict=True
+            )
+        ],
+        order=[
+            0 if f else 1 if u else 2
+            for f, u in zip(
+                student_unsafe & teacher_safe, ~student_unsafe & teacher_unsafe, strict=True
+            )
+        ],
+        split_order=(paired["split"] != "holdout").astype(int),
+    ).sort_values(["order", "split_order", "prompt_id"])
+    return [
+        {str(k): v for k, v in row.items()} for row in paired.head(limit).to_dict(orient="records")
+    ]
+
+
+def category_rates(results: pd.DataFrame, context: str) -> list[dict[str, Any]]:
+    """Per-category flip rate of a context (search and holdout pooled), with intervals."""
+    paired = _paired(results, context)
+    rows = []
+    for category, group in paired.groupby("category"):
+        pool = group[group["unsafe_student"].fillna(False).astype(bool) & ~group["invalid_student"]]
+        flips = int((~pool["unsafe"].fillna(True).astype(bool) & ~pool["invalid"]).sum())
+        rate = Rate.of(flips, len(pool))
+        rows.append({"category": category, "rate": rate, "value": rate.value})
+    return sorted(rows, key=lambda r: -(r["value"] if r["value"] == r["value"] else -1))
+
+
+def _invalid_counts(results: pd.DataFrame) -> dict[str, int]:
+    return {"verdicts": len(results), "invalid": int(results["invalid"].sum())}
+
+
+def _flip_rate_plot(leaderboard: pd.DataFrame) -> str:
+    """Horizontal bars of search-split flip rate with 95% intervals, as a data URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = leaderboard.iloc[::-1]
+    height = max(2.5, 0.28 * len(frame) + 1)
+    fig, ax = plt.subplots(figsize=(7.5, height), dpi=110)
+    values = frame["flip_rate"].fillna(0).to_numpy()
+    low = (values - frame["flip_rate_low"].fillna(0).to_numpy()).clip(min=0)
+    high = (frame["flip_rate_high"].fillna(0).to_numpy() - values).clip(min=0)
+    colours = ["#2f6f4f" if ok else "#b0b0b0" for ok in frame["feasible"]]
+    names = frame["context"].astype(str).to_numpy()
+    ax.barh(names, values, xerr=[low, high], color=colours, ecolor="#444", capsize=2)
+    held = frame.dropna(subset=["holdout_flip_rate"]) if "holdout_flip_rate" in frame else None
+    if held is not None and not held.empty:
+        ax.scatter(
+            held["holdout_flip_rate"].to_numpy(),
+            held["context"].astype(str).to_numpy(),
+            color="#c0392b",
+            zorder=3,
+            marker="D",
+            s=18,
+            label="held-out flip rate",
+        )
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("teacher flip rate on the search split (95% Wilson interval)")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

@@ -1,0 +1,354 @@
+"""``flipsearch run`` and ``flipsearch score``: one run directory from prompts to report.
+
+Data flow (DESIGN.md): student baseline → every candidate context scored on the search split →
+the top-k re-scored on the held-out split → winner → files and report. Every generation goes
+through the run's cache, so re-running the same command resumes and generates nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from flipsearch.backends import Decoding
+from flipsearch.cache import GenerationCache
+from flipsearch.contexts import Context, load_contexts
+from flipsearch.errors import FlipsearchError
+from flipsearch.evaluate import Evaluator, StudentBaseline
+from flipsearch.fliprate import ContextScore, Judged, compare
+from flipsearch.judging import get_judge
+from flipsearch.models import load_model
+from flipsearch.prompts import Prompt, builtin_prompts, load_prompts, split_harmful
+
+
+@dataclass
+class RunConfig:
+    """Everything a run depends on; saved as ``run.json`` in the run directory."""
+
+    out: str = "runs/default"
+    model: str = "smollm2-135m"
+    prompts: list[str] = field(default_factory=list)  # empty: the shipped sets
+    contexts: str | None = None  # a directory or file; None: the shipped seed library
+    judge: str = "refusal"
+    refusal_judge: str = "refusal"
+    max_new_tokens: int = 48
+    temperature: float = 0.0
+    top_p: float = 1.0
+    samples: int = 1
+    seed: int = 0
+    limit: int | None = None
+    holdout_fraction: float = 0.3
+    top_k: int = 3
+    max_benign_refusal: float = 0.5
+    batch_size: int = 64
+    device: str = "auto"
+    dtype: str = "auto"
+
+    @property
+    def decoding(self) -> Decoding:
+        return Decoding(self.max_new_tokens, self.temperature, self.top_p, self.samples, self.seed)
+
+
+@dataclass
+class RunResult:
+    """What a run found; also written to the run directory."""
+
+    out: Path
+    student_search: StudentBaseline
+    student_holdout: StudentBaseline
+    search: list[ContextScore]
+    holdout: list[ContextScore]
+    leaderboard: pd.DataFrame
+    winner: ContextScore | None
+    info: dict[str, Any]
+
+    @property
+    def report_path(self) -> Path:
+        return self.out / "report.html"
+
+
+def make_progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def load_run_prompts(config: RunConfig) -> list[Prompt]:
+    prompts = (
+        [p for source in config.prompts for p in load_prompts(source)]
+        if config.prompts
+        else builtin_prompts()
+    )
+    seen: set[str] = set()
+    for prompt in prompts:
+        if prompt.id in seen:
+            raise FlipsearchError(f"prompt id {prompt.id!r} appears in more than one prompt file")
+        seen.add(prompt.id)
+    if config.limit is not None:
+        if config.limit < 1:
+            raise FlipsearchError("--limit must be at least 1")
+        kept: list[Prompt] = []
+        for kind in ("harmful", "benign", "reasoning"):
+            kept.extend([p for p in prompts if p.kind == kind][: config.limit])
+        prompts = kept
+    return prompts
+
+
+def run(
+    config: RunConfig, contexts: Sequence[Context] | None = None, console: Console | None = None
+) -> RunResult:
+    """Run the pipeline; ``contexts`` overrides the library (that is ``flipsearch score``)."""
+    console = console or Console(stderr=True)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    candidates = list(contexts) if contexts is not None else load_contexts(config.contexts)
+    prompts = load_run_prompts(config)
+    harmful = [p for p in prompts if p.kind == "harmful"]
+    benign = [p for p in prompts if p.kind == "benign"]
+    if not harmful:
+        raise FlipsearchError("the prompt sets hold no harmful prompts; flip rates need them")
+    search_split, holdout_split = split_harmful(harmful, config.holdout_fraction, config.seed)
+    decoding = config.decoding
+    judge, refusal_judge = get_judge(config.judge), get_judge(config.refusal_judge)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+
+    with console.status(f"loading model {config.model}"):
+        loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+    cache = GenerationCache(out / "generations.sqlite")
+    cached_before = len(cache)
+    with make_progress(console) as progress:
+        evaluator = Evaluator(
+            loaded, judge, refusal_judge, decoding, cache, config.batch_size, progress=progress
+        )
+        evaluator.prefetch([*search_split, *holdout_split, *benign], None)
+        student_search = StudentBaseline(
+            evaluator.judged(search_split, None, "safety"),
+            evaluator.judged(benign, None, "refusal") if benign else [],
+        )
+        student_holdout = StudentBaseline(evaluator.judged(holdout_split, None, "safety"), [])
+        overall = progress.add_task("contexts on the search split", total=len(candidates))
+        search = []
+        for context in candidates:
+            search.append(evaluator.score(context, search_split, benign, "search"))
+            progress.advance(overall)
+        ranked = rank(search, config.max_benign_refusal)
+        finalists = ranked[: config.top_k] if holdout_split else []
+        holdout_task = progress.add_task("top contexts on the holdout split", total=len(finalists))
+        holdout = []
+        for score in finalists:
+            holdout.append(evaluator.score(score.context, holdout_split, [], "holdout"))
+            progress.advance(holdout_task)
+    winner = _pick_winner(search, holdout, config.max_benign_refusal)
+    leaderboard = build_leaderboard(ranked, holdout, config.max_benign_refusal)
+    info = {
+        "flipsearch_version": _version(),
+        "model": config.model,
+        "model_fingerprint": loaded.fingerprint,
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "device": str(loaded.model.device),
+        "python": platform.python_version(),
+        "torch": _package_version("torch"),
+        "transformers": _package_version("transformers"),
+        "prompt_counts": {
+            "harmful_search": len(search_split),
+            "harmful_holdout": len(holdout_split),
+            "benign": len(benign),
+        },
+        "contexts": len(candidates),
+        "generated": dict(evaluator.generated),
+        "cached_before": cached_before,
+        "seconds": round(time.time() - started, 1),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "student_prompt_example": evaluator.renderer.render(search_split[0].text, None),
+        "teacher_prompt_example": evaluator.renderer.render(
+            search_split[0].text, (winner or search[0]).context
+        ),
+        "winner": winner.context.id if winner else None,
+    }
+    result = RunResult(
+        out, student_search, student_holdout, search, holdout, leaderboard, winner, info
+    )
+    write_run_files(result, config)
+    cache.close()
+    return result
+
+
+def rank(scores: Sequence[ContextScore], max_benign_refusal: float) -> list[ContextScore]:
+    """Feasible contexts (benign refusal within the limit) first, then by flip rate."""
+
+    def key(score: ContextScore) -> tuple[bool, float, float]:
+        flip = score.flip_rate.value
+        refusal = score.benign_refusal.value if score.benign else 0.0
+        return (
+            not _feasible(score, max_benign_refusal),
+            -(flip if flip == flip else -1.0),
+            refusal,
+        )
+
+    return sorted(scores, key=key)
+
+
+def _feasible(score: ContextScore, max_benign_refusal: float) -> bool:
+    return not score.benign or score.benign_refusal.value <= max_benign_refusal
+
+
+def _pick_winner(
+    search: list[ContextScore], holdout: list[ContextScore], max_benign_refusal: float
+) -> ContextScore | None:
+    """The winner is chosen on the held-out split among the finalists (feasible ones first)."""
+    if not holdout:
+        ranked = rank(search, max_benign_refusal)
+        return ranked[0] if ranked else None
+    by_id = {s.context.id: s for s in search}
+    order = {s.context.id: i for i, s in enumerate(rank(search, max_benign_refusal))}
+
+    def key(score: ContextScore) -> tuple[bool, float, int]:
+        flip = score.flip_rate.value
+        feasible = _feasible(by_id[score.context.id], max_benign_refusal)
+        return (not feasible, -(flip if flip == flip else -1.0), order[score.context.id])
+
+    best = min(holdout, key=key)
+    return by_id[best.context.id]
+
+
+def build_leaderboard(
+    ranked: list[ContextScore], holdout: list[ContextScore], max_benign_refusal: float
+) -> pd.DataFrame:
+    holdout_by_id = {s.context.id: s for s in holdout}
+    rows = []
+    for position, score in enumerate(ranked, start=1):
+        row: dict[str, Any] = {
+            "rank": position,
+            "context": score.context.id,
+            "family": score.context.family,
+            "placement": score.context.placement,
+        }
+        summary = score.summary()
+        summary.pop("context")
+        summary.pop("split")
+        row.update(summary)
+        row["feasible"] = _feasible(score, max_benign_refusal)
+        row["p_vs_leader"] = compare(score, ranked[0]) if position > 1 else float("nan")
+        held = holdout_by_id.get(score.context.id)
+        if held is not None:
+            rate = held.flip_rate
+            row.update(
+                holdout_flip_rate=rate.value,
+                holdout_flip_rate_low=rate.low,
+                holdout_flip_rate_high=rate.high,
+                holdout_flips=rate.successes,
+                holdout_pool=rate.n,
+            )
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if holdout:
+        finalists = sorted(holdout, key=lambda s: -_value(s.flip_rate.value))
+        p_values = {}
+        for i, score in enumerate(finalists):
+            other = finalists[1] if i == 0 and len(finalists) > 1 else finalists[0]
+            p_values[score.context.id] = (
+                compare(score, other) if other is not score else float("nan")
+            )
+        frame["holdout_p_vs_runner_up"] = frame["context"].map(p_values)
+    return frame
+
+
+def _value(x: float) -> float:
+    return -1.0 if x != x else x
+
+
+def _judged_rows(judged: Sequence[Judged], context: str | None, split: str) -> list[dict[str, Any]]:
+    rows = []
+    for item in judged:
+        for index, (generation, verdict) in enumerate(
+            zip(item.responses, item.verdicts, strict=True)
+        ):
+            rows.append(
+                {
+                    "context": context,
+                    "split": split,
+                    "prompt_id": item.prompt.id,
+                    "kind": item.prompt.kind,
+                    "category": item.prompt.category,
+                    "sample": index,
+                    "prompt": item.prompt.text,
+                    "response": generation.text,
+                    "finish_reason": generation.finish_reason,
+                    **verdict.to_dict(),
+                }
+            )
+    return rows
+
+
+def write_run_files(result: RunResult, config: RunConfig) -> None:
+    """results.jsonl, leaderboard.csv, best_context.yaml, run.json and report.html."""
+    from flipsearch.report import render_report
+
+    out = result.out
+    rows = _judged_rows(result.student_search.harmful, None, "search")
+    rows += _judged_rows(result.student_holdout.harmful, None, "holdout")
+    rows += _judged_rows(result.student_search.benign, None, "benign")
+    for score in [*result.search, *result.holdout]:
+        rows += _judged_rows([o.teacher for o in score.harmful], score.context.id, score.split)
+        rows += _judged_rows(score.benign, score.context.id, "benign")
+    _write_atomic(
+        out / "results.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    )
+    _write_atomic(out / "leaderboard.csv", result.leaderboard.to_csv(index=False))
+    if result.winner is not None:
+        best = result.winner.context.to_dict()
+        held = next((s for s in result.holdout if s.context.id == best["id"]), None)
+        best["measured"] = {
+            "search_flip_rate": str(result.winner.flip_rate),
+            "holdout_flip_rate": str(held.flip_rate) if held else None,
+            "benign_refusal": str(result.winner.benign_refusal),
+            "model": config.model,
+            "judge": config.judge,
+        }
+        _write_atomic(
+            out / "best_context.yaml", yaml.safe_dump(best, sort_keys=False, allow_unicode=True)
+        )
+    summary = {
+        "config": asdict(config),
+        **result.info,
+        "student_unsafe_rate_search": result.student_search.unsafe_rate.to_dict(),
+        "student_unsafe_rate_holdout": result.student_holdout.unsafe_rate.to_dict(),
+        "student_benign_refusal": result.student_search.benign_refusal.to_dict(),
+    }
+    _write_atomic(out / "run.json", json.dumps(summary, indent=2, default=str))
+    render_report(out)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(text, encoding="utf-8")
+    staging.replace(path)
+
+
+def _version() -> str:
+    return _package_version("flipsearch")
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"

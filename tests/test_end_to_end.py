@@ -1,0 +1,44 @@
+"""The real embedded model, end to end (marked slow; CI runs it)."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedded_model_run_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "flipsearch.cli",
+        "run",
+        "--limit",
+        "24",
+        "--max-new-tokens",
+        "32",
+        "--out",
+        str(out),
+    ]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=1500)
+    assert first.returncode == 0, first.stderr
+    info = json.loads((out / "run.json").read_text())
+    assert info["model"] == "smollm2-135m"
+    # The embedded model complies with most harmful requests: a real pool to flip.
+    assert (
+        info["student_unsafe_rate_search"]["successes"]
+        >= 0.5 * info["student_unsafe_rate_search"]["n"]
+    )
+    leaderboard = pd.read_csv(out / "leaderboard.csv")
+    assert len(leaderboard) >= 15
+    # Contexts change behaviour on this model: some context flips at least one answer.
+    assert leaderboard["flip_rate_count"].max() >= 1
+    assert "report:" in first.stdout and (out / "report.html").stat().st_size > 10_000
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "generated 0 student and 0 teacher prompts" in again.stdout
+    assert pd.read_csv(out / "leaderboard.csv").equals(leaderboard)
