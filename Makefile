@@ -5,7 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.flipsearch-installed
-RUN_ARGS ?= --out runs/default
+# The embedded default on a laptop budget: the first 48 prompts of each kind, 32 new tokens
+# (the refusal judge reads the opening of a response). Drop the limits for a full run.
+RUN_ARGS ?= --limit 48 --max-new-tokens 32 --out runs/default
 
 .PHONY: run test test-fast lint bench clean
 

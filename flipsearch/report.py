@@ -33,6 +33,7 @@ def render_report(run_dir: str | Path, templates: str | Path | None = None) -> P
     folder = Path(templates) if templates is not None else data_path("reports")
     env = Environment(loader=FileSystemLoader(folder), autoescape=select_autoescape(["html", "j2"]))
     env.filters["pct"] = _pct
+    env.filters["count"] = _count
     winner_id = info.get("winner")
     winner = (
         leaderboard[leaderboard["context"] == winner_id].iloc[0].to_dict() if winner_id else None
@@ -74,6 +75,16 @@ def _pct(value: Any) -> str:
     except (TypeError, ValueError):
         return "–"
     return "–" if number != number else f"{number:.1%}"
+
+
+def _count(value: Any) -> str:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return "–"
+    if number != number:
+        return "–"
+    return str(int(number)) if number.is_integer() else f"{number:.1f}"
 
 
 def _rate(data: dict[str, float] | None) -> str:

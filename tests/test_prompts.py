@@ -108,3 +108,17 @@ def test_split_keeps_its_size_on_small_sets():
     harmful = load_prompts("builtin:harmful")[:24]
     _, holdout = split_harmful(harmful, 0.3, seed=0)
     assert len(holdout) == 7
+
+
+def test_datasets_name_loads_through_the_datasets_library(tmp_path):
+    pytest.importorskip("datasets")
+    folder = tmp_path / "my_prompts"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(
+        '{"id": "d1", "kind": "harmful", "category": "x", "prompt": "do harm"}\n'
+        '{"id": "d2", "kind": "benign", "category": "y", "prompt": "be nice"}\n'
+    )
+    prompts = load_prompts(f"hf:{folder}:train")
+    assert [(p.id, p.kind) for p in prompts] == [("d1", "harmful"), ("d2", "benign")]
+    with pytest.raises(FlipsearchError, match="cannot load dataset"):
+        load_prompts(f"hf:{tmp_path / 'missing'}")

@@ -1,0 +1,103 @@
+"""Token-level scoring: where, in the student's own answer, does the teacher disagree?
+
+The OPSA loss is a per-token divergence between the student's and the teacher's next-token
+distributions on the student's response tokens. This module computes that divergence with the
+frozen model, for the report's token-level analysis (the paper found it concentrated in the
+first ~10-30 response tokens: the compliance decision).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from flipsearch.models import LoadedModel
+
+
+@dataclass
+class TokenDivergence:
+    """Per-token reverse KL(student ‖ teacher) of one response, and its tokens' text."""
+
+    tokens: list[str]
+    kl: list[float]
+    teacher_logprob: list[float]
+    student_logprob: list[float]
+
+
+def response_logits(loaded: LoadedModel, prompt_ids: list[int], response_ids: Sequence[int]) -> Any:
+    """Next-token logits at every response position: row i predicts ``response_ids[i]``."""
+    import torch
+
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=loaded.model.device)
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=ids).logits[0]
+    start = len(prompt_ids) - 1
+    return logits[start : start + len(response_ids)].float()
+
+
+def token_divergence(
+    loaded: LoadedModel,
+    student_prompt: str,
+    teacher_prompt: str,
+    response_ids: Sequence[int],
+    max_tokens: int = 64,
+) -> TokenDivergence:
+    """Reverse KL between the student's and the teacher's distributions, token by token."""
+    import torch
+
+    tokenizer = loaded.tokenizer
+    response = list(response_ids)[:max_tokens]
+    if not response:
+        return TokenDivergence([], [], [], [])
+    student_ids = tokenizer(student_prompt, add_special_tokens=False)["input_ids"]
+    teacher_ids = tokenizer(teacher_prompt, add_special_tokens=False)["input_ids"]
+    student = torch.log_softmax(response_logits(loaded, student_ids, response), dim=-1)
+    teacher = torch.log_softmax(response_logits(loaded, teacher_ids, response), dim=-1)
+    kl = (student.exp() * (student - teacher)).sum(-1).clamp_min(0)
+    index = torch.tensor(response, device=student.device).unsqueeze(-1)
+    return TokenDivergence(
+        tokens=[tokenizer.decode([t]) for t in response],
+        kl=kl.tolist(),
+        teacher_logprob=teacher.gather(-1, index).squeeze(-1).tolist(),
+        student_logprob=student.gather(-1, index).squeeze(-1).tolist(),
+    )
+
+
+def analyse_context(
+    loaded: LoadedModel, score: Any, limit: int = 16, max_tokens: int = 64
+) -> dict[str, Any]:
+    """KL by token position over the student's unsafe answers, flips first (for the report).
+
+    ``score`` is a ``ContextScore``; the first sample of each prompt is analysed.
+    """
+    pool = [o for o in score.harmful if (o.student.unsafe_share or 0) > 0]
+    chosen = sorted(pool, key=lambda o: (-o.flip, o.student.prompt.id))[:limit]
+    sums = [0.0] * max_tokens
+    counts = [0] * max_tokens
+    examples = []
+    for outcome in chosen:
+        response = outcome.student.responses[0]
+        divergence = token_divergence(
+            loaded, outcome.student.rendered, outcome.teacher.rendered, response.token_ids, max_tokens
+        )
+        for position, value in enumerate(divergence.kl):
+            sums[position] += value
+            counts[position] += 1
+        examples.append(
+            {
+                "prompt_id": outcome.student.prompt.id,
+                "prompt": outcome.student.prompt.text,
+                "flip": outcome.flip,
+                "tokens": divergence.tokens,
+                "kl": divergence.kl,
+            }
+        )
+    used = max((i + 1 for i, c in enumerate(counts) if c), default=0)
+    return {
+        "context": score.context.id,
+        "divergence": "reverse KL(student || teacher), full vocabulary, nats",
+        "mean_kl_by_position": [sums[i] / counts[i] for i in range(used)],
+        "n_by_position": counts[:used],
+        "examples": examples,
+    }
