@@ -148,6 +148,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # GGUF loading warns about dequantisation we intend
+    logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A model loaded from GGUF keeps GGUF bookkeeping that save_pretrained rejects; a plain

@@ -39,6 +39,9 @@ def render_report(run_dir: str | Path, templates: str | Path | None = None) -> P
         leaderboard[leaderboard["context"] == winner_id].iloc[0].to_dict() if winner_id else None
     )
     best_context = _read_best_context(run_dir)
+    examples = flip_examples(results, winner_id) if winner_id else []
+    categories = category_rates(results, winner_id) if winner_id else []
+    token_kl = _read_json(run_dir / "token_kl.json")
     html = env.get_template("report.html.j2").render(
         info=info,
         config=info.get("config", {}),
@@ -48,8 +51,11 @@ def render_report(run_dir: str | Path, templates: str | Path | None = None) -> P
         student_unsafe=_rate(info.get("student_unsafe_rate_search")),
         student_unsafe_holdout=_rate(info.get("student_unsafe_rate_holdout")),
         student_benign=_rate(info.get("student_benign_refusal")),
-        examples=flip_examples(results, winner_id) if winner_id else [],
-        categories=category_rates(results, winner_id) if winner_id else [],
+        examples=examples,
+        categories=categories,
+        kl_plot=_kl_plot(token_kl) if token_kl else None,
+        heat=_heat_view(token_kl) if token_kl else [],
+        token_kl=token_kl,
         invalid=_invalid_counts(results),
         flip_plot=_flip_rate_plot(leaderboard),
         stylesheet=(folder / "style.css").read_text(encoding="utf-8"),
@@ -58,8 +64,48 @@ def render_report(run_dir: str | Path, templates: str | Path | None = None) -> P
     staging = path.with_name("report.html.tmp")
     staging.write_text(html, encoding="utf-8")
     staging.replace(path)
-    leaderboard.to_csv(run_dir / "leaderboard.csv", index=False)
+    # The report's tables, beside it as CSV.
+    pd.DataFrame(examples).to_csv(run_dir / "examples.csv", index=False)
+    pd.DataFrame(
+        [
+            {
+                "category": r["category"],
+                "flip_rate": r["value"],
+                "flips": r["rate"].successes,
+                "pool": r["rate"].n,
+                "low": r["rate"].low,
+                "high": r["rate"].high,
+            }
+            for r in categories
+        ]
+    ).to_csv(run_dir / "categories.csv", index=False)
     return path
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _heat_view(token_kl: dict[str, Any], examples: int = 4) -> list[dict[str, Any]]:
+    """Tokens of a few student answers with a shade proportional to the teacher's KL."""
+    values = sorted(v for ex in token_kl["examples"] for v in ex["kl"])
+    scale = values[int(0.95 * (len(values) - 1))] if values else 1.0
+    scale = scale if scale > 0 else 1.0
+    view = []
+    for ex in token_kl["examples"][:examples]:
+        tokens = [
+            {"text": text, "kl": kl, "alpha": min(1.0, kl / scale)}
+            for text, kl in zip(ex["tokens"], ex["kl"], strict=True)
+        ]
+        view.append(
+            {
+                "prompt_id": ex["prompt_id"],
+                "prompt": ex["prompt"],
+                "flip": ex["flip"],
+                "tokens": tokens,
+            }
+        )
+    return view
 
 
 def _read_best_context(run_dir: Path) -> dict[str, Any] | None:
@@ -105,10 +151,10 @@ def flip_examples(results: pd.DataFrame, context: str, limit: int = 12) -> list[
     if paired.empty:
         return []
     student_unsafe = (
-        paired["unsafe_student"].fillna(False).astype(bool) & ~paired["invalid_student"]
+        paired["unsafe_student"].eq(True) & ~paired["invalid_student"]
     )
-    teacher_safe = ~paired["unsafe"].fillna(True).astype(bool) & ~paired["invalid"]
-    teacher_unsafe = paired["unsafe"].fillna(False).astype(bool) & ~paired["invalid"]
+    teacher_safe = paired["unsafe"].eq(False) & ~paired["invalid"]
+    teacher_unsafe = paired["unsafe"].eq(True) & ~paired["invalid"]
     paired = paired.assign(
         outcome=[
             "flip" if f else "unflip" if u else "unchanged"
@@ -134,8 +180,8 @@ def category_rates(results: pd.DataFrame, context: str) -> list[dict[str, Any]]:
     paired = _paired(results, context)
     rows = []
     for category, group in paired.groupby("category"):
-        pool = group[group["unsafe_student"].fillna(False).astype(bool) & ~group["invalid_student"]]
-        flips = int((~pool["unsafe"].fillna(True).astype(bool) & ~pool["invalid"]).sum())
+        pool = group[group["unsafe_student"].eq(True) & ~group["invalid_student"]]
+        flips = int((pool["unsafe"].eq(False) & ~pool["invalid"]).sum())
         rate = Rate.of(flips, len(pool))
         rows.append({"category": category, "rate": rate, "value": rate.value})
     return sorted(rows, key=lambda r: -(r["value"] if r["value"] == r["value"] else -1))
@@ -143,6 +189,35 @@ def category_rates(results: pd.DataFrame, context: str) -> list[dict[str, Any]]:
 
 def _invalid_counts(results: pd.DataFrame) -> dict[str, int]:
     return {"verdicts": len(results), "invalid": int(results["invalid"].sum())}
+
+
+def _kl_plot(token_kl: dict[str, Any]) -> str | None:
+    """Mean per-token KL by response position, as a data URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = token_kl["mean_kl_by_position"]
+    if not means:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 2.6), dpi=110)
+    ax.plot(range(1, len(means) + 1), means, color="#2f6f4f", marker="o", markersize=2.5)
+    ax.set_xlabel("response token position")
+    ax.set_ylabel("mean KL (nats)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _data_uri(fig)
+
+
+def _data_uri(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _flip_rate_plot(leaderboard: pd.DataFrame) -> str:
@@ -177,7 +252,4 @@ def _flip_rate_plot(leaderboard: pd.DataFrame) -> str:
     ax.set_xlabel("teacher flip rate on the search split (95% Wilson interval)")
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return _data_uri(fig)

@@ -29,6 +29,7 @@ from flipsearch.fliprate import ContextScore, Judged, compare
 from flipsearch.judging import get_judge
 from flipsearch.models import load_model
 from flipsearch.prompts import Prompt, builtin_prompts, load_prompts, split_harmful
+from flipsearch.scoring import analyse_context
 
 
 @dataclass
@@ -53,6 +54,7 @@ class RunConfig:
     batch_size: int = 64
     device: str = "auto"
     dtype: str = "auto"
+    analysis_prompts: int = 16  # student-unsafe answers analysed token by token for the report
 
     @property
     def decoding(self) -> Decoding:
@@ -156,6 +158,10 @@ def run(
             progress.advance(holdout_task)
     winner = _pick_winner(search, holdout, config.max_benign_refusal)
     leaderboard = build_leaderboard(ranked, holdout, config.max_benign_refusal)
+    if winner is not None:
+        with console.status("token-level analysis of the winner"):
+            analysis = analyse_context(loaded, winner, limit=config.analysis_prompts)
+        _write_atomic(out / "token_kl.json", json.dumps(analysis))
     info = {
         "flipsearch_version": _version(),
         "model": config.model,

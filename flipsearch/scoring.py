@@ -79,7 +79,11 @@ def analyse_context(
     for outcome in chosen:
         response = outcome.student.responses[0]
         divergence = token_divergence(
-            loaded, outcome.student.rendered, outcome.teacher.rendered, response.token_ids, max_tokens
+            loaded,
+            outcome.student.rendered,
+            outcome.teacher.rendered,
+            response.token_ids,
+            max_tokens,
         )
         for position, value in enumerate(divergence.kl):
             sums[position] += value

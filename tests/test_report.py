@@ -104,6 +104,22 @@ def _write_run(run_dir):
         "student_unsafe_rate_search": {"successes": 3, "n": 3},
     }
     (run_dir / "run.json").write_text(json.dumps(info))
+    token_kl = {
+        "context": "ctx<script>",
+        "divergence": "KL",
+        "mean_kl_by_position": [0.5, 0.1],
+        "n_by_position": [1, 1],
+        "examples": [
+            {
+                "prompt_id": "p0",
+                "prompt": HOSTILE[2],
+                "flip": 1.0,
+                "tokens": [HOSTILE[0], HOSTILE[1]],
+                "kl": [0.5, 0.1],
+            }
+        ],
+    }
+    (run_dir / "token_kl.json").write_text(json.dumps(token_kl))
 
 
 def test_no_model_text_survives_as_markup(tmp_path):
@@ -116,6 +132,7 @@ def test_no_model_text_survives_as_markup(tmp_path):
     assert "<h1>owned</h1>" not in html and "</table><h1>" not in html
     assert "<img src=x" not in html and 'onerror="alert' not in html
     assert "<b>fam</b>" not in html
+    assert 'id="tokens"' in html  # the token heat view rendered the hostile tokens, escaped
 
 
 def test_report_is_self_contained(tmp_path):
