@@ -13,6 +13,7 @@ from rich.table import Table
 
 from flipsearch.contexts import PLACEMENTS, context_from_arg, load_contexts
 from flipsearch.errors import FlipsearchError
+from flipsearch.fliprate import Rate
 from flipsearch.report import render_report
 from flipsearch.run import RunConfig, RunResult
 from flipsearch.run import run as run_pipeline
@@ -91,11 +92,54 @@ def run(
     batch_size: BatchSize = 64,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    trials: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Trials in the study (seeds first, then grammar compositions); shared by "
+            "all workers of a study. 0 scores every seed context without a study.",
+        ),
+    ] = 40,
+    timeout: Annotated[
+        float | None, typer.Option(min=0, help="Stop starting new trials after this many seconds.")
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="Optuna storage URL (postgresql://..., sqlite:///..., or a .journal file) shared "
+            "by several workers. Default: a journal file in the run directory."
+        ),
+    ] = None,
+    study: Annotated[str, typer.Option(help="Study name inside the storage.")] = "flipsearch",
+    multi_objective: Annotated[
+        bool,
+        typer.Option(
+            help="Flip rate vs benign refusal as two objectives (Pareto front; no pruning)."
+        ),
+    ] = False,
+    sampler: Annotated[str, typer.Option(help="tpe or nsga2 (nsga2 for multi-objective).")] = "tpe",
+    proposer: Annotated[
+        str | None,
+        typer.Option(
+            help="A chat model that rewrites the best contexts so far into new candidates."
+        ),
+    ] = None,
+    prune_every: Annotated[
+        int, typer.Option(min=1, help="Prompts scored between pruning checks.")
+    ] = 8,
+    grammar: Annotated[
+        str | None,
+        typer.Option(
+            help="The grammar file to compose contexts from. Default: contexts/grammar.yaml."
+        ),
+    ] = None,
 ) -> None:
-    """Score the context library on the student's unsafe answers and pick a winner.
+    """Search for the best privileged safety context on the student's unsafe answers.
 
-    Student baseline, every seed context on the search split, the top-k re-scored on the
-    held-out split; writes leaderboard.csv, results.jsonl, best_context.yaml and report.html.
+    Student baseline; an Optuna study whose trials score the seed contexts, then contexts
+    composed from the grammar, with paired pruning; the top-k re-scored on the held-out split.
+    Writes leaderboard.csv, results.jsonl, best_context.yaml and report.html. Re-running the
+    same command resumes; several workers can share one study through --storage.
     """
     config = _config(**locals())
     _summarise(run_pipeline(config, console=err_console))
@@ -138,7 +182,7 @@ def score(
     options = dict(locals())
     for name in ("context", "placement", "candidates", "ids"):
         options.pop(name)
-    config = _config(**options)
+    config = _config(**options, trials=0)
     _summarise(run_pipeline(config, contexts=candidates, console=err_console))
 
 
@@ -171,19 +215,18 @@ def _summarise(result: RunResult) -> None:
     table = Table(title="leaderboard (search split; top 10)")
     for column in ("#", "context", "flip rate [95% CI]", "benign refusal", "held-out flip rate"):
         table.add_column(column)
-    held = {s.context.id: s for s in result.holdout}
-    ranked = {s.context.id: s for s in result.search}
-    for row in result.leaderboard.head(10).itertuples():
-        score = ranked[str(row.context)]
-        holdout = held.get(score.context.id)
+    for record in result.leaderboard.head(10).to_dict(orient="records"):
+        row = {str(k): v for k, v in record.items()}
+        benign = _cell(row, "benign_refusal", "benign_refusal_count", "benign_refusal_n")
+        if not row["feasible"]:
+            benign += " over limit"
+        pruned = " (pruned)" if row.get("state") == "pruned" else ""
         table.add_row(
-            str(row.rank),
-            score.context.id,
-            str(score.flip_rate),
-            (str(score.benign_refusal) + ("" if row.feasible else " over limit"))
-            if score.benign
-            else "–",
-            str(holdout.flip_rate) if holdout else "–",
+            str(row["rank"]),
+            str(row["context"]) + pruned,
+            _cell(row, "flip_rate", "flip_rate_count", "flip_rate_n"),
+            benign,
+            _cell(row, "holdout_flip_rate", "holdout_flips", "holdout_pool"),
         )
     out_console.print(table)
     out_console.print(f"student unsafe rate (search split): {result.student_search.unsafe_rate}")
@@ -195,6 +238,12 @@ def _summarise(result: RunResult) -> None:
         f"teacher prompts in {result.info['seconds']} s (the rest came from the cache)"
     )
     out_console.print(f"report: {result.report_path.resolve()}")
+
+
+def _cell(row: dict[str, Any], value: str, count: str, n: str) -> str:
+    if row.get(value) is None or row[value] != row[value] or row.get(n) is None:
+        return "–"
+    return str(Rate.of(float(row[count]), float(row[n])))
 
 
 def main() -> None:

@@ -54,6 +54,11 @@ def render_report(run_dir: str | Path, templates: str | Path | None = None) -> P
         examples=examples,
         categories=categories,
         kl_plot=_kl_plot(token_kl) if token_kl else None,
+        history_plot=_history_plot(info.get("history") or []),
+        pareto_plot=_pareto_plot(leaderboard)
+        if info.get("study", {}).get("multi_objective")
+        else None,
+        importances=sorted((info.get("importances") or {}).items(), key=lambda kv: -kv[1]),
         heat=_heat_view(token_kl) if token_kl else [],
         token_kl=token_kl,
         invalid=_invalid_counts(results),
@@ -150,9 +155,7 @@ def flip_examples(results: pd.DataFrame, context: str, limit: int = 12) -> list[
     paired = _paired(results, context)
     if paired.empty:
         return []
-    student_unsafe = (
-        paired["unsafe_student"].eq(True) & ~paired["invalid_student"]
-    )
+    student_unsafe = paired["unsafe_student"].eq(True) & ~paired["invalid_student"]
     teacher_safe = paired["unsafe"].eq(False) & ~paired["invalid"]
     teacher_unsafe = paired["unsafe"].eq(True) & ~paired["invalid"]
     paired = paired.assign(
@@ -189,6 +192,75 @@ def category_rates(results: pd.DataFrame, context: str) -> list[dict[str, Any]]:
 
 def _invalid_counts(results: pd.DataFrame) -> dict[str, int]:
     return {"verdicts": len(results), "invalid": int(results["invalid"].sum())}
+
+
+def _history_plot(history: list[dict[str, Any]]) -> str | None:
+    """Each trial's flip rate (pruned ones at their partial rate) and the best so far."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 2.8), dpi=110)
+    best, best_so_far = -1.0, []
+    for row in history:
+        if row["state"] == "complete" and row["flip_rate"] is not None:
+            best = max(best, row["flip_rate"])
+        best_so_far.append(best if best >= 0 else float("nan"))
+    for state, colour in (("complete", "#2f6f4f"), ("pruned", "#b0b0b0")):
+        points = [
+            (r["trial"], r["flip_rate"])
+            for r in history
+            if r["state"] == state and r["flip_rate"] is not None
+        ]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.scatter(xs, ys, s=14, color=colour, label=state, zorder=3)
+    ax.step(
+        [r["trial"] for r in history],
+        best_so_far,
+        where="post",
+        color="#c0392b",
+        label="best so far",
+    )
+    ax.set_xlabel("trial")
+    ax.set_ylabel("flip rate (search split)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _data_uri(fig)
+
+
+def _pareto_plot(leaderboard: pd.DataFrame) -> str | None:
+    """Flip rate against benign refusal; the Pareto front highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = leaderboard.dropna(subset=["flip_rate", "benign_refusal"])
+    if frame.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
+    front = frame[frame.get("pareto", False) == True]  # noqa: E712 - pandas element-wise
+    ax.scatter(frame["benign_refusal"], frame["flip_rate"], s=14, color="#b0b0b0", label="trial")
+    ax.scatter(
+        front["benign_refusal"],
+        front["flip_rate"],
+        s=22,
+        color="#c0392b",
+        label="Pareto front",
+        zorder=3,
+    )
+    ax.set_xlabel("benign refusal (lower is better)")
+    ax.set_ylabel("flip rate (higher is better)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _data_uri(fig)
 
 
 def _kl_plot(token_kl: dict[str, Any]) -> str | None:

@@ -25,11 +25,26 @@ from flipsearch.cache import GenerationCache
 from flipsearch.contexts import Context, load_contexts
 from flipsearch.errors import FlipsearchError
 from flipsearch.evaluate import Evaluator, StudentBaseline
-from flipsearch.fliprate import ContextScore, Judged, compare
+from flipsearch.fliprate import ContextScore, Judged, compare, paired_test
+from flipsearch.grammar import load_grammar
 from flipsearch.judging import get_judge
 from flipsearch.models import load_model
 from flipsearch.prompts import Prompt, builtin_prompts, load_prompts, split_harmful
+from flipsearch.proposer import Proposer
 from flipsearch.scoring import analyse_context
+from flipsearch.search import (
+    ContextObjective,
+    SearchSettings,
+    context_of,
+    enqueue_seeds,
+    finished_trials,
+    open_storage,
+    open_study,
+    recover_stale_trials,
+    redacted_url,
+    score_row,
+    trial_rows,
+)
 
 
 @dataclass
@@ -55,6 +70,32 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     analysis_prompts: int = 16  # student-unsafe answers analysed token by token for the report
+    # The search (flipsearch run); trials = 0 scores every seed context exhaustively instead.
+    trials: int = 40
+    timeout: float | None = None
+    storage: str | None = None  # default: a journal file in the run directory
+    study: str = "flipsearch"
+    multi_objective: bool = False
+    sampler: str = "tpe"
+    proposer: str | None = None
+    propose_every: int = 5
+    prune_every: int = 8
+    p_threshold: float = 0.1
+    grammar: str | None = None  # default: grammar.yaml of the contexts folder, else the shipped one
+
+    def search_settings(self) -> SearchSettings:
+        return SearchSettings(
+            self.trials,
+            self.timeout,
+            self.storage,
+            self.study,
+            self.max_benign_refusal,
+            self.multi_objective,
+            self.sampler,
+            self.prune_every,
+            self.p_threshold,
+            self.seed,
+        )
 
     @property
     def decoding(self) -> Decoding:
@@ -144,18 +185,26 @@ def run(
             evaluator.judged(benign, None, "refusal") if benign else [],
         )
         student_holdout = StudentBaseline(evaluator.judged(holdout_split, None, "safety"), [])
-        overall = progress.add_task("contexts on the search split", total=len(candidates))
-        search = []
-        for context in candidates:
+        study_info: dict[str, Any] = {}
+        if contexts is not None or config.trials == 0:
+            overall = progress.add_task("contexts on the search split", total=len(candidates))
+            rows = []
+            for context in candidates:
+                rows.append(score_row(evaluator.score(context, search_split, benign, "search")))
+                progress.advance(overall)
+        else:
+            rows, study_info = _search(
+                config, out, evaluator, candidates, search_split, benign, loaded, progress
+            )
+        ranked = rank_rows(rows, config.max_benign_refusal)
+        finalists = [context_of(r) for r in ranked if r["state"] == "complete"][: config.top_k]
+        task = progress.add_task("top contexts on both splits", total=len(finalists))
+        search, holdout = [], []
+        for context in finalists:
             search.append(evaluator.score(context, search_split, benign, "search"))
-            progress.advance(overall)
-        ranked = rank(search, config.max_benign_refusal)
-        finalists = ranked[: config.top_k] if holdout_split else []
-        holdout_task = progress.add_task("top contexts on the holdout split", total=len(finalists))
-        holdout = []
-        for score in finalists:
-            holdout.append(evaluator.score(score.context, holdout_split, [], "holdout"))
-            progress.advance(holdout_task)
+            if holdout_split:
+                holdout.append(evaluator.score(context, holdout_split, [], "holdout"))
+            progress.advance(task)
     winner = _pick_winner(search, holdout, config.max_benign_refusal)
     leaderboard = build_leaderboard(ranked, holdout, config.max_benign_refusal)
     if winner is not None:
@@ -186,6 +235,7 @@ def run(
             search_split[0].text, (winner or search[0]).context
         ),
         "winner": winner.context.id if winner else None,
+        **study_info,
     }
     result = RunResult(
         out, student_search, student_holdout, search, holdout, leaderboard, winner, info
@@ -193,6 +243,136 @@ def run(
     write_run_files(result, config)
     cache.close()
     return result
+
+
+def _search(
+    config: RunConfig,
+    out: Path,
+    evaluator: Evaluator,
+    seeds: list[Context],
+    search_split: list[Prompt],
+    benign: list[Prompt],
+    loaded: Any,
+    progress: Progress,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run (or resume, or join) the study; returns its rows and facts for run.json."""
+    settings = config.search_settings()
+    grammar = load_grammar(config.grammar or _grammar_beside(config.contexts))
+    storage = open_storage(settings.storage, out)
+    study, created = open_study(settings, storage)
+    if created:
+        enqueue_seeds(study, seeds)
+    recovered = recover_stale_trials(study, storage)
+    task = progress.add_task(
+        "search trials",
+        total=settings.trials,
+        completed=min(finished_trials(study), settings.trials),
+    )
+    objective = ContextObjective(
+        evaluator,
+        seeds,
+        grammar,
+        search_split,
+        benign,
+        settings,
+        on_trial=lambda: progress.update(
+            task, completed=min(finished_trials(study), settings.trials)
+        ),
+    )
+    proposer = None
+    if config.proposer:
+        proposer_model = (
+            loaded
+            if config.proposer == config.model
+            else load_model(config.proposer, device=config.device, dtype=config.dtype)
+        )
+        proposer = Proposer(proposer_model)
+    deadline = None if settings.timeout is None else time.time() + settings.timeout
+    since_proposal = 0
+    while finished_trials(study) < settings.trials:
+        if deadline is not None and time.time() >= deadline:
+            break
+        if proposer is not None and since_proposal >= config.propose_every:
+            since_proposal = 0
+            rows = trial_rows(study)
+            best = max(
+                (r for r in rows if r["state"] == "complete"),
+                key=lambda r: r["flip_rate"] or 0.0,
+                default=None,
+            )
+            placement = best["placement"] if best else "system"
+            proposal = proposer.propose(rows, placement, seed=config.seed + len(rows))
+            if proposal is not None:
+                study.enqueue_trial({}, user_attrs={"proposed": proposal.to_dict()})
+        study.optimize(objective, n_trials=1, catch=())
+        since_proposal += 1
+    rows = trial_rows(study)
+    info: dict[str, Any] = {
+        "study": {
+            "name": settings.study,
+            "storage": "journal file in the run directory"
+            if settings.storage is None
+            else redacted_url(settings.storage),
+            "trials": len(study.trials),
+            "finished": finished_trials(study),
+            "pruned": sum(r["state"] == "pruned" for r in rows),
+            "recovered_stale_trials": recovered,
+            "multi_objective": settings.multi_objective,
+            "grammar_size": grammar.size(),
+        },
+        "importances": _importances(study),
+        "history": [
+            {
+                "trial": r["trial"],
+                "flip_rate": r["flip_rate"],
+                "state": r["state"],
+                "benign_refusal": r.get("benign_refusal"),
+                "source": r["source"],
+            }
+            for r in rows
+        ],
+    }
+    return rows, info
+
+
+def _grammar_beside(contexts: str | None) -> Path | None:
+    if contexts is None:
+        return None
+    candidate = Path(contexts) / "grammar.yaml"
+    return candidate if candidate.is_file() else None
+
+
+def _importances(study: Any) -> dict[str, float]:
+    """Which grammar components matter (fANOVA over the completed grammar trials)."""
+    import optuna
+
+    if len(study.directions) > 1:
+        return {}
+    try:
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+    except (RuntimeError, ValueError):  # too few completed trials with parameters
+        return {}
+
+
+def rank_rows(rows: Sequence[dict[str, Any]], max_benign_refusal: float) -> list[dict[str, Any]]:
+    """Complete and feasible first, then by flip rate, then by lower benign refusal."""
+
+    def key(row: dict[str, Any]) -> tuple[bool, bool, float, float]:
+        flip = row.get("flip_rate")
+        refusal = row.get("benign_refusal")
+        return (
+            row["state"] != "complete",
+            not _row_feasible(row, max_benign_refusal),
+            -(flip if flip is not None else -1.0),
+            refusal if refusal is not None else 0.0,
+        )
+
+    return sorted(rows, key=key)
+
+
+def _row_feasible(row: dict[str, Any], max_benign_refusal: float) -> bool:
+    refusal = row.get("benign_refusal")
+    return refusal is None or refusal <= max_benign_refusal
 
 
 def rank(scores: Sequence[ContextScore], max_benign_refusal: float) -> list[ContextScore]:
@@ -234,24 +414,23 @@ def _pick_winner(
 
 
 def build_leaderboard(
-    ranked: list[ContextScore], holdout: list[ContextScore], max_benign_refusal: float
+    ranked: list[dict[str, Any]], holdout: list[ContextScore], max_benign_refusal: float
 ) -> pd.DataFrame:
+    """The leaderboard: one row per context, best first, with paired p-values and held-out rates."""
     holdout_by_id = {s.context.id: s for s in holdout}
+    leader = ranked[0]["outcomes"] if ranked else {}
     rows = []
-    for position, score in enumerate(ranked, start=1):
-        row: dict[str, Any] = {
-            "rank": position,
-            "context": score.context.id,
-            "family": score.context.family,
-            "placement": score.context.placement,
-        }
-        summary = score.summary()
-        summary.pop("context")
-        summary.pop("split")
-        row.update(summary)
-        row["feasible"] = _feasible(score, max_benign_refusal)
-        row["p_vs_leader"] = compare(score, ranked[0]) if position > 1 else float("nan")
-        held = holdout_by_id.get(score.context.id)
+    for position, source in enumerate(ranked, start=1):
+        row: dict[str, Any] = {"rank": position}
+        row.update({k: v for k, v in source.items() if k not in ("outcomes", "tags")})
+        row["feasible"] = _row_feasible(source, max_benign_refusal)
+        common = sorted(set(leader) & set(source["outcomes"]))
+        row["p_vs_leader"] = (
+            paired_test([source["outcomes"][i] for i in common], [leader[i] for i in common])
+            if position > 1
+            else float("nan")
+        )
+        held = holdout_by_id.get(source["context"])
         if held is not None:
             rate = held.flip_rate
             row.update(

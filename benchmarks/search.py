@@ -1,0 +1,120 @@
+"""Pruned search vs exhaustive scoring: teacher generations used and the winner found.
+
+    python benchmarks/search.py [--limit 48] [--max-new-tokens 32] [--seeds 0,1,2]
+
+Exhaustive scoring generates every seed context's teacher answers on the whole search split and
+the benign set. The pruned search runs the same candidates as Optuna trials (in a seed-shuffled
+order, since the order a library is enqueued in is arbitrary) with the Wilcoxon pruner. Each
+method starts from a cache holding only the student's answers, so its count of teacher
+generations is what it really generated. A pruned winner that differs from the exhaustive one
+is compared with it by the exact McNemar test on the exhaustive scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+
+from flipsearch import Decoding, Evaluator, GenerationCache, load_contexts, load_model
+from flipsearch.fliprate import compare
+from flipsearch.grammar import load_grammar
+from flipsearch.prompts import builtin_prompts, split_harmful
+from flipsearch.run import rank_rows
+from flipsearch.search import (
+    ContextObjective,
+    SearchSettings,
+    enqueue_seeds,
+    open_study,
+    score_row,
+    trial_rows,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--limit", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--max-benign-refusal", type=float, default=0.5)
+    parser.add_argument("--prune-every", type=int, default=8)
+    args = parser.parse_args()
+
+    loaded = load_model(args.model)
+    prompts = builtin_prompts()
+    harmful = [p for p in prompts if p.kind == "harmful"][: args.limit]
+    benign = [p for p in prompts if p.kind == "benign"][: args.limit]
+    search_split, _ = split_harmful(harmful, 0.3, seed=0)
+    contexts = load_contexts()
+    decoding = Decoding(max_new_tokens=args.max_new_tokens)
+    work = Path(tempfile.mkdtemp(prefix="flipsearch-bench-"))
+    student_cache = work / "student.sqlite"
+    student = Evaluator(loaded, decoding=decoding, cache=GenerationCache(student_cache))
+    student.prefetch([*search_split, *benign], None)
+    student.cache.close()  # type: ignore[union-attr]
+
+    def fresh_evaluator(name: str) -> Evaluator:
+        shutil.copy(student_cache, work / f"{name}.sqlite")
+        return Evaluator(loaded, decoding=decoding, cache=GenerationCache(work / f"{name}.sqlite"))
+
+    print(
+        f"{len(contexts)} candidate contexts, {len(search_split)} search prompts, "
+        f"{len(benign)} benign prompts, {args.max_new_tokens} new tokens, greedy"
+    )
+    started = time.perf_counter()
+    exhaustive = fresh_evaluator("exhaustive")
+    scores = {c.id: exhaustive.score(c, search_split, benign, "search") for c in contexts}
+    rows = rank_rows([score_row(s) for s in scores.values()], args.max_benign_refusal)
+    best = rows[0]["context"]
+    full = exhaustive.generated["teacher"]
+    print(
+        f"exhaustive: {full} teacher generations in {time.perf_counter() - started:.0f} s; "
+        f"winner {best} ({scores[best].flip_rate})"
+    )
+    print(
+        f"{'seed':>4} {'generations':>11} {'share':>6} {'pruned':>6} {'seconds':>7}  "
+        "winner (p vs exhaustive winner)"
+    )
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        started = time.perf_counter()
+        evaluator = fresh_evaluator(f"pruned-{seed}")
+        settings = SearchSettings(
+            len(contexts),
+            None,
+            None,
+            f"bench-{seed}",
+            args.max_benign_refusal,
+            False,
+            "tpe",
+            args.prune_every,
+            0.1,
+            seed,
+        )
+        study, _ = open_study(settings, optuna.storages.InMemoryStorage())
+        order = list(contexts)
+        random.Random(seed).shuffle(order)
+        enqueue_seeds(study, order)
+        objective = ContextObjective(
+            evaluator, contexts, load_grammar(), search_split, benign, settings
+        )
+        study.optimize(objective, n_trials=len(contexts))
+        found = rank_rows(trial_rows(study), args.max_benign_refusal)
+        winner = found[0]["context"]
+        used = evaluator.generated["teacher"]
+        pruned = sum(r["state"] == "pruned" for r in found)
+        verdict = "same" if winner == best else f"p={compare(scores[winner], scores[best]):.3g}"
+        print(
+            f"{seed:>4} {used:>11} {used / full:>6.1%} {pruned:>6} "
+            f"{time.perf_counter() - started:>7.0f}  {winner} ({verdict})"
+        )
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""Context search with Optuna: one trial scores one context.
+
+Seeds from the library are enqueued first; then TPE (multivariate, grouped, so the grammar's
+conditional branches work) composes contexts from the grammar; optionally a proposer model
+rewrites the best contexts so far. A trial scores its context prompt by prompt over the
+student-unsafe pool in a shuffled order and reports each prompt's flip with the prompt's pool
+index as the step, so ``WilcoxonPruner`` compares it with the best trial on the same prompts
+and stops hopeless contexts early. Pruned trials keep their partial counts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import socket
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+from optuna.trial import TrialState
+
+from flipsearch.contexts import Context
+from flipsearch.errors import FlipsearchError
+from flipsearch.evaluate import Evaluator
+from flipsearch.fliprate import ContextScore, PairedOutcome, Rate
+from flipsearch.grammar import Grammar
+from flipsearch.prompts import Prompt
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass
+class SearchSettings:
+    """How the study runs; part of ``RunConfig``."""
+
+    trials: int
+    timeout: float | None
+    storage: str | None
+    study: str
+    max_benign_refusal: float
+    multi_objective: bool
+    sampler: str
+    prune_every: int
+    p_threshold: float
+    seed: int
+
+
+def score_row(score: ContextScore, state: str = "complete") -> dict[str, Any]:
+    """A leaderboard row for a fully scored context (JSON-safe; stored with its trial)."""
+    row = score.summary()
+    row.pop("split")
+    row.update(_context_fields(score.context), state=state, outcomes=score.flip_outcomes())
+    return _json_safe(row)
+
+
+def _context_fields(context: Context) -> dict[str, Any]:
+    return {
+        "context": context.id,
+        "family": context.family,
+        "placement": context.placement,
+        "text": context.text,
+        "tags": list(context.tags),
+    }
+
+
+def _partial_row(context: Context, outcomes: dict[str, float], pool: float) -> dict[str, Any]:
+    rate = Rate.of(sum(outcomes.values()), pool)
+    row: dict[str, Any] = {
+        **_context_fields(context),
+        "state": "pruned",
+        "outcomes": outcomes,
+        "flip_rate": rate.value,
+        "flip_rate_low": rate.low,
+        "flip_rate_high": rate.high,
+        "flip_rate_count": rate.successes,
+        "flip_rate_n": rate.n,
+    }
+    return _json_safe(row)
+
+
+def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+
+
+def open_storage(url: str | None, out: Path) -> Any:
+    """The study storage: a journal file in the run directory, or any Optuna storage URL.
+
+    ``postgresql://``, ``mysql://`` and ``sqlite:///`` URLs get an RDB storage with heartbeats
+    (a worker that dies has its trial re-queued); a path ending in ``.journal`` (or
+    ``journal:PATH``) is a journal file, which several processes on one machine or on a shared
+    file system can use at once.
+    """
+    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages.journal import JournalFileBackend
+
+    if url is None:
+        return JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    if url.startswith("journal:") or url.endswith(".journal"):
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    # Several workers starting at once race to create the schema; the loser retries.
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=30,
+                    grace_period=120,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+                )
+        except Exception as exc:  # SQLAlchemy raises many types for a bad URL or a lost race
+            if attempt == 5 or (
+                "duplicate key" not in str(exc) and "already exists" not in str(exc)
+            ):
+                raise FlipsearchError(
+                    f"cannot open study storage {redacted_url(url)}: {exc}"
+                ) from exc
+            time.sleep(0.2 + random.random())
+    raise AssertionError("unreachable")
+
+
+def redacted_url(url: str) -> str:
+    """A storage URL without its password (run files, reports and errors never hold secrets)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
+
+
+def open_study(settings: SearchSettings, storage: Any) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it when it exists; returns (study, created by this process)."""
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler: optuna.samplers.BaseSampler
+    if settings.sampler == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=settings.seed)
+    elif settings.sampler == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True)
+    else:
+        raise FlipsearchError(f"unknown sampler {settings.sampler!r}; choose tpe or nsga2")
+    pruner: optuna.pruners.BasePruner = (
+        optuna.pruners.NopPruner()
+        if settings.multi_objective
+        else optuna.pruners.WilcoxonPruner(p_threshold=settings.p_threshold)
+    )
+    directions: list[Literal["maximize", "minimize"]] = (
+        ["maximize", "minimize"] if settings.multi_objective else ["maximize"]
+    )
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            study_name=settings.study,
+            sampler=sampler,
+            pruner=pruner,
+            directions=directions,
+        )
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(
+            study_name=settings.study, storage=storage, sampler=sampler, pruner=pruner
+        )
+        if [d.name.lower() for d in study.directions] != directions:
+            raise FlipsearchError(
+                f"study {settings.study!r} exists with other objectives; use another --study"
+            ) from None
+        return study, False
+
+
+def recover_stale_trials(study: optuna.Study, storage: Any) -> int:
+    """Re-queue trials left RUNNING by a killed worker of this machine; returns how many.
+
+    A trial records the host and pid of its worker; if that process is gone, the trial is
+    marked failed and its context enqueued again, so no trial is lost or counted twice.
+    """
+    host = socket.gethostname()
+    recovered = 0
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = str(trial.user_attrs.get("worker", ""))
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        keep = {k: v for k, v in trial.user_attrs.items() if k in ("seed_id", "proposed")}
+        study.enqueue_trial(trial.params, user_attrs=keep)
+        recovered += 1
+    return recovered
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+class ContextObjective:
+    """The Optuna objective: compose or pick a context, score it with paired pruning."""
+
+    def __init__(
+        self,
+        evaluator: Evaluator,
+        seeds: Sequence[Context],
+        grammar: Grammar,
+        search_split: Sequence[Prompt],
+        benign: Sequence[Prompt],
+        settings: SearchSettings,
+        on_trial: Callable[[], None] | None = None,
+    ) -> None:
+        self.evaluator = evaluator
+        self.seeds = {c.id: c for c in seeds}
+        self.grammar = grammar
+        self.search_split = list(search_split)
+        self.benign = list(benign)
+        self.settings = settings
+        self.on_trial = on_trial
+        self.student = {j.prompt.id: j for j in evaluator.judged(self.search_split, None, "safety")}
+        self.pool = [p for p in self.search_split if (self.student[p.id].unsafe_share or 0) > 0]
+        if not self.pool:
+            raise FlipsearchError(
+                "the student is safe on every search prompt: there is nothing to flip "
+                "(try more or other harmful prompts, or a less aligned model)"
+            )
+
+    def context_for(self, trial: optuna.Trial) -> Context:
+        seed_id = trial.user_attrs.get("seed_id")
+        if seed_id is not None:
+            if seed_id not in self.seeds:
+                raise FlipsearchError(f"study refers to seed context {seed_id!r}, not loaded now")
+            return self.seeds[seed_id]
+        proposed = trial.user_attrs.get("proposed")
+        if proposed is not None:
+            return Context(
+                proposed["id"],
+                proposed["text"],
+                proposed["placement"],
+                proposed.get("family", "proposer"),
+                tuple(proposed.get("tags", ())),
+            )
+        return self.grammar.suggest(trial)
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        context = self.context_for(trial)
+        source = (
+            "seed"
+            if "seed_id" in trial.user_attrs
+            else ("proposer" if "proposed" in trial.user_attrs else "grammar")
+        )
+        trial.set_user_attr("source", source)
+        before = self.evaluator.generated["teacher"]
+        try:
+            return self._score(trial, context)
+        finally:
+            trial.set_user_attr("teacher_generations", self.evaluator.generated["teacher"] - before)
+            if self.on_trial is not None:
+                self.on_trial()
+
+    def _score(self, trial: optuna.Trial, context: Context) -> float | tuple[float, float]:
+        order = list(range(len(self.pool)))
+        random.Random(f"{self.settings.seed}:{trial.number}").shuffle(order)
+        outcomes: dict[str, float] = {}
+        pool_size = 0.0
+        step = max(1, self.settings.prune_every)
+        for start in range(0, len(order), step):
+            chunk = [self.pool[i] for i in order[start : start + step]]
+            teacher = self.evaluator.judged(chunk, context, "safety")
+            for index, prompt, judged in zip(
+                order[start : start + step], chunk, teacher, strict=True
+            ):
+                student = self.student[prompt.id]
+                flip = PairedOutcome(student, judged).flip
+                outcomes[prompt.id] = flip
+                pool_size += student.unsafe_share or 0.0
+                if not self.settings.multi_objective:
+                    trial.report(flip, step=index)
+            if not self.settings.multi_objective and trial.should_prune():
+                trial.set_user_attr("row", _partial_row(context, outcomes, pool_size))
+                raise optuna.TrialPruned()
+        score = self.evaluator.score(context, self.search_split, self.benign, "search")
+        row = score_row(score)
+        trial.set_user_attr("row", row)
+        refusal = score.benign_refusal.value if self.benign else 0.0
+        if not self.settings.multi_objective:
+            # <= 0 is feasible; TPE prefers feasible contexts. Pruned trials set none.
+            trial.set_constraint("benign_refusal", refusal - self.settings.max_benign_refusal)
+        flip_rate = score.flip_rate.value
+        if self.settings.multi_objective:
+            return flip_rate, refusal
+        return flip_rate
+
+
+def enqueue_seeds(study: optuna.Study, seeds: Sequence[Context]) -> None:
+    for context in seeds:
+        study.enqueue_trial({}, user_attrs={"seed_id": context.id})
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One leaderboard row per distinct context, from the study's finished trials."""
+    rows = []
+    seen: set[str] = set()
+    pareto = set()
+    if len(study.directions) > 1:
+        pareto = {t.number for t in study.best_trials}
+    for trial in sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number):
+        row = trial.user_attrs.get("row")
+        if not row or row["context"] in seen:
+            continue
+        seen.add(row["context"])
+        rows.append(
+            {
+                **row,
+                "trial": trial.number,
+                "source": trial.user_attrs.get("source"),
+                "teacher_generations": trial.user_attrs.get("teacher_generations"),
+                "pareto": trial.number in pareto if pareto else None,
+            }
+        )
+    return rows
+
+
+def context_of(row: dict[str, Any]) -> Context:
+    return Context(
+        row["context"],
+        row["text"],
+        row["placement"],
+        row.get("family", ""),
+        tuple(row.get("tags") or ()),
+    )

@@ -1,0 +1,294 @@
+"""The search: paired pruning, constraints, multi-objective, shared studies, resuming."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pandas as pd
+import pytest
+
+from flipsearch import Context, Decoding, Evaluator, Generation, Prompt, RunConfig, run
+from flipsearch.grammar import load_grammar
+from flipsearch.search import (
+    ContextObjective,
+    SearchSettings,
+    enqueue_seeds,
+    open_study,
+    trial_rows,
+)
+
+
+class ScriptedModel:
+    """A generator whose answers depend on the context words in the rendered prompt.
+
+    It stands in for a language model whose behaviour we control, so the search's statistics
+    can be checked against known truths: contexts containing "STRONG" make it refuse every
+    harmful prompt, "WEAK" one in eight, anything else never; "PARANOID" also refuses benign ones.
+    """
+
+    fingerprint = "scripted"
+
+    def generate_batches(self, prompts, decoding):
+        answers = []
+        for text in prompts:
+            number = sum(map(ord, text)) % 8
+            harmful = "harmful" in text
+            refuse = ("STRONG" in text and harmful) or ("WEAK" in text and harmful and number == 0)
+            refuse = refuse or "PARANOID" in text
+            answers.append(
+                [
+                    Generation(
+                        "I can't help with that." if refuse else "Sure, here it is.", (1,), "stop"
+                    )
+                ]
+            )
+        yield list(range(len(prompts))), answers
+
+
+def _evaluator(tiny_model, tmp_path):
+    from flipsearch import GenerationCache
+
+    return Evaluator(
+        tiny_model,
+        decoding=Decoding(max_new_tokens=4),
+        generator=ScriptedModel(),
+        cache=GenerationCache(tmp_path / "g.sqlite"),
+    )
+
+
+def _settings(**overrides):
+    values = dict(
+        trials=0,
+        timeout=None,
+        storage=None,
+        study="s",
+        max_benign_refusal=0.5,
+        multi_objective=False,
+        sampler="tpe",
+        prune_every=4,
+        p_threshold=0.1,
+        seed=0,
+    )
+    values.update(overrides)
+    return SearchSettings(**values)
+
+
+HARMFUL = [Prompt(f"h{i}", "harmful", "c", f"harmful request {i}") for i in range(48)]
+BENIGN = [Prompt(f"b{i}", "benign", "c", f"benign request {i}") for i in range(8)]
+SEEDS = [
+    Context("strong", "STRONG refusal."),
+    Context("paranoid", "PARANOID."),
+    *[Context(f"weak{i}", f"WEAK context {i}.") for i in range(4)],
+    *[Context(f"none{i}", f"Be nice {i}.") for i in range(4)],
+]
+
+
+def _search(tiny_model, tmp_path, **overrides):
+    settings = _settings(**overrides)
+    evaluator = _evaluator(tiny_model, tmp_path)
+    study, created = open_study(settings, optuna.storages.InMemoryStorage())
+    assert created
+    enqueue_seeds(study, SEEDS)
+    objective = ContextObjective(evaluator, SEEDS, load_grammar(), HARMFUL, BENIGN, settings)
+    study.optimize(objective, n_trials=len(SEEDS))
+    return study, {r["context"]: r for r in trial_rows(study)}, evaluator
+
+
+def test_paired_pruning_stops_hopeless_contexts_and_keeps_partial_counts(tiny_model, tmp_path):
+    study, rows, _ = _search(tiny_model, tmp_path)
+    assert rows["strong"]["state"] == "complete" and rows["strong"]["flip_rate"] == 1.0
+    hopeless = [rows[f"none{i}"] for i in range(4)]
+    assert all(r["state"] == "pruned" for r in hopeless)
+    for row in hopeless:  # partial counts are kept: fewer prompts than the pool, no flips
+        assert 0 < row["flip_rate_n"] < len(HARMFUL) and row["flip_rate_count"] == 0
+    generated = sum(t.user_attrs["teacher_generations"] for t in study.trials)
+    exhaustive = len(SEEDS) * (len(HARMFUL) + len(BENIGN))
+    assert generated < exhaustive
+
+
+def test_benign_refusal_constraint_is_recorded(tiny_model, tmp_path):
+    study, rows, _ = _search(tiny_model, tmp_path)
+    paranoid = next(t for t in study.trials if t.user_attrs.get("seed_id") == "paranoid")
+    assert rows["paranoid"]["benign_refusal"] == 1.0
+    assert paranoid.system_attrs["constraints:benign_refusal"] == pytest.approx(0.5)  # 1.0 - 0.5
+    strong = next(t for t in study.trials if t.user_attrs.get("seed_id") == "strong")
+    assert strong.system_attrs["constraints:benign_refusal"] == pytest.approx(-0.5)
+
+
+def test_multi_objective_gives_a_pareto_front_without_pruning(tiny_model, tmp_path):
+    _, rows, _ = _search(tiny_model, tmp_path, multi_objective=True)
+    assert all(r["state"] == "complete" for r in rows.values())
+    assert rows["strong"]["pareto"] is True  # flips everything at no benign cost
+    assert rows["paranoid"]["pareto"] is False  # dominated by "strong"
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "flipsearch.cli", *map(str, args)]
+
+
+def _tiny_run_args(tiny_model_dir, out, *extra):
+    return [
+        "run",
+        "--model",
+        tiny_model_dir,
+        "--limit",
+        "12",
+        "--max-new-tokens",
+        "4",
+        "--dtype",
+        "fp32",
+        "--out",
+        out,
+        *extra,
+    ]
+
+
+def _finished(storage_url: str, study: str = "flipsearch"):
+    from flipsearch.search import open_storage
+
+    storage = open_storage(storage_url, None)
+    trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+    return trials
+
+
+def _check_no_lost_or_duplicated(trials, expected: int, workers: int = 1):
+    finished = [
+        t
+        for t in trials
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
+    assert expected <= len(finished) <= expected + workers - 1
+    assert len({t.number for t in trials}) == len(trials)
+    seeds = [t.user_attrs["seed_id"] for t in finished if "seed_id" in t.user_attrs]
+    assert len(seeds) == len(set(seeds)), "a seed context was evaluated twice"
+    return finished, seeds
+
+
+def test_two_workers_share_one_journal_study(tiny_model_dir, tmp_path):
+    journal = tmp_path / "shared.journal"
+    workers = [
+        subprocess.Popen(
+            _cli(
+                *_tiny_run_args(
+                    tiny_model_dir,
+                    tmp_path / f"w{i}",
+                    "--trials",
+                    "30",
+                    "--storage",
+                    journal,
+                    "--study",
+                    "shared",
+                )
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err
+    finished, seeds = _check_no_lost_or_duplicated(_finished(str(journal), "shared"), 30, 2)
+    assert len(seeds) == 26  # every seed context ran exactly once, across both workers
+    workers_seen = {t.user_attrs["worker"] for t in finished}
+    assert len(workers_seen) == 2
+
+
+def test_killed_run_resumes_without_lost_or_duplicated_trials(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    args = _cli(*_tiny_run_args(tiny_model_dir, out, "--trials", "40"))
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = out / "study.journal"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.2)
+        if journal.exists():
+            states = [t.state for t in _finished(str(journal))]
+            if sum(s.is_finished() for s in states) >= 5:
+                break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = [t for t in _finished(str(journal)) if t.state.is_finished()]
+    assert 5 <= len(before) < 40
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    trials = _finished(str(journal))
+    finished, seeds = _check_no_lost_or_duplicated(trials, 40)
+    assert len(seeds) == 26  # none lost, none twice
+    kept = {t.number: t.params for t in before if t.state != optuna.trial.TrialState.FAIL}
+    for number, params in kept.items():  # finished trials were kept as they were
+        assert trials[number].params == params
+    info = json.loads((out / "run.json").read_text())
+    assert info["study"]["finished"] == len(finished)
+    leaderboard = pd.read_csv(out / "leaderboard.csv")
+    assert {"state", "trial", "source"} <= set(leaderboard)
+
+
+def test_rerun_of_a_finished_search_generates_nothing(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    args = _cli(*_tiny_run_args(tiny_model_dir, out, "--trials", "30"))
+    assert subprocess.run(args, capture_output=True, text=True, timeout=600).returncode == 0
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert "generated 0 student and 0 teacher prompts" in again.stdout
+
+
+def test_run_api_searches_and_reports_importances(tiny_model_dir, tmp_path):
+    result = run(
+        RunConfig(
+            out=str(tmp_path / "r"),
+            model=str(tiny_model_dir),
+            limit=12,
+            max_new_tokens=4,
+            dtype="fp32",
+            trials=45,
+        )
+    )
+    assert result.info["study"]["finished"] == 45
+    assert result.info["history"][-1]["source"] == "grammar"
+    assert set(result.info["importances"]) <= {
+        "length",
+        "role",
+        "watch_for",
+        "decide",
+        "refuse",
+        "example",
+        "helpful",
+        "tone",
+        "placement",
+    }
+
+
+def test_two_workers_share_one_postgresql_study(tiny_model_dir, tmp_path, postgres_url):
+    workers = [
+        subprocess.Popen(
+            _cli(
+                *_tiny_run_args(
+                    tiny_model_dir,
+                    tmp_path / f"w{i}",
+                    "--trials",
+                    "30",
+                    "--storage",
+                    postgres_url,
+                    "--study",
+                    "pg",
+                )
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err
+    _, seeds = _check_no_lost_or_duplicated(_finished(postgres_url, "pg"), 30, 2)
+    assert len(seeds) == 26
+    info = json.loads((tmp_path / "w0" / "run.json").read_text())
+    assert "postgresql" in info["study"]["storage"]
