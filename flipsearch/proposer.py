@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from flipsearch.backends import Decoding, HFGenerator
+from flipsearch.backends import Decoding, Generator, HFGenerator
 from flipsearch.contexts import Context
 from flipsearch.models import LoadedModel
 
@@ -50,9 +50,11 @@ def clean_proposal(text: str, max_chars: int = 600) -> str | None:
 class Proposer:
     """Generates candidate contexts with a chat model (the search's ``--proposer``)."""
 
-    def __init__(self, loaded: LoadedModel, max_new_tokens: int = 120) -> None:
+    def __init__(
+        self, loaded: LoadedModel, max_new_tokens: int = 120, generator: Generator | None = None
+    ) -> None:
         self.loaded = loaded
-        self.generator = HFGenerator(loaded, batch_size=1)
+        self.generator = generator or HFGenerator(loaded, batch_size=1)
         self.max_new_tokens = max_new_tokens
 
     def propose(self, rows: Sequence[dict[str, Any]], placement: str, seed: int) -> Context | None:

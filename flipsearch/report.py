@@ -198,10 +198,7 @@ def _history_plot(history: list[dict[str, Any]]) -> str | None:
     """Each trial's flip rate (pruned ones at their partial rate) and the best so far."""
     if not history:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7.5, 2.8), dpi=110)
     best, best_so_far = -1.0, []
@@ -236,10 +233,7 @@ def _history_plot(history: list[dict[str, Any]]) -> str | None:
 
 def _pareto_plot(leaderboard: pd.DataFrame) -> str | None:
     """Flip rate against benign refusal; the Pareto front highlighted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     frame = leaderboard.dropna(subset=["flip_rate", "benign_refusal"])
     if frame.empty:
@@ -265,10 +259,7 @@ def _pareto_plot(leaderboard: pd.DataFrame) -> str | None:
 
 def _kl_plot(token_kl: dict[str, Any]) -> str | None:
     """Mean per-token KL by response position, as a data URI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     means = token_kl["mean_kl_by_position"]
     if not means:
@@ -283,8 +274,18 @@ def _kl_plot(token_kl: dict[str, Any]) -> str | None:
     return _data_uri(fig)
 
 
-def _data_uri(fig: Any) -> str:
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (reports are written, never shown)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _data_uri(fig: Any) -> str:
+    plt = _pyplot()
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -294,10 +295,7 @@ def _data_uri(fig: Any) -> str:
 
 def _flip_rate_plot(leaderboard: pd.DataFrame) -> str:
     """Horizontal bars of search-split flip rate with 95% intervals, as a data URI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     frame = leaderboard.iloc[::-1]
     height = max(2.5, 0.28 * len(frame) + 1)

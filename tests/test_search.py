@@ -169,8 +169,8 @@ def _check_no_lost_or_duplicated(trials, expected: int, workers: int = 1):
     return finished, seeds
 
 
-def test_two_workers_share_one_journal_study(tiny_model_dir, tmp_path):
-    journal = tmp_path / "shared.journal"
+def _two_workers(tiny_model_dir, tmp_path, storage, study):
+    """Two worker processes on one study; returns the study's finished trials and seed ids."""
     workers = [
         subprocess.Popen(
             _cli(
@@ -180,9 +180,9 @@ def test_two_workers_share_one_journal_study(tiny_model_dir, tmp_path):
                     "--trials",
                     "30",
                     "--storage",
-                    journal,
+                    storage,
                     "--study",
-                    "shared",
+                    study,
                 )
             ),
             stdout=subprocess.PIPE,
@@ -194,10 +194,14 @@ def test_two_workers_share_one_journal_study(tiny_model_dir, tmp_path):
     for worker in workers:
         _, err = worker.communicate(timeout=600)
         assert worker.returncode == 0, err
-    finished, seeds = _check_no_lost_or_duplicated(_finished(str(journal), "shared"), 30, 2)
+    finished, seeds = _check_no_lost_or_duplicated(_finished(str(storage), study), 30, 2)
     assert len(seeds) == 26  # every seed context ran exactly once, across both workers
-    workers_seen = {t.user_attrs["worker"] for t in finished}
-    assert len(workers_seen) == 2
+    return finished
+
+
+def test_two_workers_share_one_journal_study(tiny_model_dir, tmp_path):
+    finished = _two_workers(tiny_model_dir, tmp_path, tmp_path / "shared.journal", "shared")
+    assert len({t.user_attrs["worker"] for t in finished}) == 2
 
 
 def test_killed_run_resumes_without_lost_or_duplicated_trials(tiny_model_dir, tmp_path):
@@ -265,30 +269,6 @@ def test_run_api_searches_and_reports_importances(tiny_model_dir, tmp_path):
 
 
 def test_two_workers_share_one_postgresql_study(tiny_model_dir, tmp_path, postgres_url):
-    workers = [
-        subprocess.Popen(
-            _cli(
-                *_tiny_run_args(
-                    tiny_model_dir,
-                    tmp_path / f"w{i}",
-                    "--trials",
-                    "30",
-                    "--storage",
-                    postgres_url,
-                    "--study",
-                    "pg",
-                )
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    for worker in workers:
-        _, err = worker.communicate(timeout=600)
-        assert worker.returncode == 0, err
-    _, seeds = _check_no_lost_or_duplicated(_finished(postgres_url, "pg"), 30, 2)
-    assert len(seeds) == 26
+    _two_workers(tiny_model_dir, tmp_path, postgres_url, "pg")
     info = json.loads((tmp_path / "w0" / "run.json").read_text())
     assert "postgresql" in info["study"]["storage"]
