@@ -26,6 +26,9 @@ app = typer.Typer(
 )
 contexts_app = typer.Typer(help="Inspect the context library.", no_args_is_help=True)
 app.add_typer(contexts_app, name="contexts")
+judge_app = typer.Typer(help="Train, measure and run judges.", no_args_is_help=True)
+app.add_typer(judge_app, name="judge")
+Label = Annotated[str, typer.Option(help="Which label: unsafe (safety judge) or refusal.")]
 out_console = Console()
 err_console = Console(stderr=True)
 
@@ -45,8 +48,28 @@ ContextsDir = Annotated[
         "--contexts", help="Directory (or file) of seed contexts. Default: the shipped library."
     ),
 ]
-Judge = Annotated[str, typer.Option(help="Safety judge for answers to harmful prompts.")]
-RefusalJudge = Annotated[str, typer.Option(help="Judge deciding whether a benign answer refuses.")]
+Judge = Annotated[
+    str,
+    typer.Option(
+        help="Safety judge for answers to harmful prompts: refusal, llama-guard, classifier, "
+        "classifier:DIR, ensemble:MODE:A+B."
+    ),
+]
+RefusalJudge = Annotated[
+    str,
+    typer.Option(
+        help="Judge deciding whether a benign answer refuses: refusal, classifier, classifier:DIR."
+    ),
+]
+JudgeModel = Annotated[
+    str | None, typer.Option(help="Weights of the llama-guard judge (a local directory or hub id).")
+]
+JudgeMetrics = Annotated[
+    str | None,
+    typer.Option(
+        help="JSON from `flipsearch judge eval --json`: adds flip rates corrected for judge error."
+    ),
+]
 Samples = Annotated[int, typer.Option(min=1, help="Samples per prompt (needs --temperature > 0).")]
 Temperature = Annotated[float, typer.Option(min=0.0, help="0 = greedy (the paper's choice).")]
 TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")]
@@ -80,6 +103,8 @@ def run(
     contexts: ContextsDir = None,
     judge: Judge = "refusal",
     refusal_judge: RefusalJudge = "refusal",
+    judge_model: JudgeModel = None,
+    judge_metrics: JudgeMetrics = None,
     samples: Samples = 1,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
@@ -161,6 +186,8 @@ def score(
     prompts: Prompts = None,
     judge: Judge = "refusal",
     refusal_judge: RefusalJudge = "refusal",
+    judge_model: JudgeModel = None,
+    judge_metrics: JudgeMetrics = None,
     samples: Samples = 1,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
@@ -190,6 +217,104 @@ def score(
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Re-render report.html from a run directory's files (after editing reports/, say)."""
     out_console.print(f"report: {render_report(run_dir).resolve()}")
+
+
+@judge_app.command("train")
+def judge_train(
+    labelled: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Labelled JSONL/CSV (prompt, response, unsafe/refusal). Default: the shipped set."
+        ),
+    ] = None,
+    label: Label = "unsafe",
+    out: Annotated[Path, typer.Option(help="Directory to write the classifier to.")] = Path(
+        "judges-trained/classifier"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the model.")] = 0,
+) -> None:
+    """Train the classifier judge (TF-IDF + calibrated logistic regression; saved with skops)."""
+    from flipsearch.classifier import train_classifier
+    from flipsearch.labelled import default_labelled_path, load_labelled
+
+    source = labelled or default_labelled_path()
+    rows = load_labelled(source, label)
+    path = train_classifier(rows, label, out, source=str(source), seed=seed)
+    out_console.print(
+        f"trained a {label!r} classifier on {len(rows)} rows: use --judge classifier:{path}"
+    )
+
+
+@judge_app.command("eval")
+def judge_eval(
+    labelled: Annotated[
+        Path | None, typer.Argument(help="Labelled JSONL/CSV. Default: the shipped set.")
+    ] = None,
+    judge: Annotated[str, typer.Option(help="The judge to measure (any judge name).")] = "refusal",
+    label: Label = "unsafe",
+    judge_model: JudgeModel = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Also write the metrics here (usable as --judge-metrics)."),
+    ] = None,
+) -> None:
+    """Measure a judge against labels: precision, recall, F1, AUROC, Cohen's kappa, confusion."""
+    import json
+
+    from flipsearch.judging import get_judge
+    from flipsearch.labelled import evaluate_judge, load_labelled
+
+    rows = load_labelled(labelled, label)
+    role = "safety" if label == "unsafe" else "refusal"
+    metrics = evaluate_judge(get_judge(judge, role, judge_model), rows, label)
+    table = Table(title=f"{judge} against the {label!r} labels of {len(rows)} rows")
+    table.add_column("metric")
+    table.add_column("value")
+    for key in ("precision", "recall", "f1", "specificity", "auroc", "cohen_kappa", "invalid_rate"):
+        table.add_row(key, f"{metrics[key]:.3f}")
+    confusion = metrics["confusion"]
+    table.add_row(
+        "confusion",
+        f"tp {confusion['tp']}  fp {confusion['fp']}  "
+        f"fn {confusion['fn']}  tn {confusion['tn']}  invalid {metrics['invalid']}",
+    )
+    out_console.print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(metrics, indent=2))
+        out_console.print(f"metrics: {json_out}")
+
+
+@judge_app.command("run")
+def judge_run(
+    pairs: Annotated[Path, typer.Argument(help="JSONL of {prompt, response} rows.")],
+    judge: Annotated[str, typer.Option(help="The judge to run.")] = "refusal",
+    role: Annotated[str, typer.Option(help="safety or refusal.")] = "safety",
+    judge_model: JudgeModel = None,
+    out: Annotated[Path | None, typer.Option(help="Write verdicts here (default: stdout).")] = None,
+) -> None:
+    """Judge every (prompt, response) row of a JSONL file; one verdict per line."""
+    import json
+
+    from flipsearch.judging import get_judge
+    from flipsearch.prompts import _read_jsonl
+
+    rows = _read_jsonl(pairs)
+    for number, row in rows:
+        if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
+            raise FlipsearchError(f"{pairs}:{number}: needs text 'prompt' and 'response'")
+    verdicts = get_judge(judge, role, judge_model).judge(
+        [(r["prompt"], r["response"]) for _, r in rows]
+    )
+    lines = "".join(
+        json.dumps({**row, **v.to_dict()}, ensure_ascii=False) + "\n"
+        for (_, row), v in zip(rows, verdicts, strict=True)
+    )
+    if out is None:
+        sys.stdout.write(lines)
+    else:
+        out.write_text(lines)
+        invalid = sum(v.invalid for v in verdicts)
+        out_console.print(f"{len(verdicts)} verdicts ({invalid} invalid): {out}")
 
 
 @contexts_app.command("list")

@@ -38,8 +38,8 @@ class Evaluator:
         progress: Any = None,
     ) -> None:
         self.loaded = loaded
-        self.judge = get_judge(judge)
-        self.refusal_judge = get_judge(refusal_judge)
+        self.judge = get_judge(judge, "safety")
+        self.refusal_judge = get_judge(refusal_judge, "refusal")
         self.decoding = decoding or Decoding()
         self.cache = cache
         self.generator = generator or HFGenerator(loaded, batch_size=batch_size)

@@ -28,6 +28,7 @@ from flipsearch.evaluate import Evaluator, StudentBaseline
 from flipsearch.fliprate import ContextScore, Judged, compare, paired_test
 from flipsearch.grammar import load_grammar
 from flipsearch.judging import get_judge
+from flipsearch.labelled import read_judge_metrics, rogan_gladen
 from flipsearch.models import load_model
 from flipsearch.prompts import Prompt, builtin_prompts, load_prompts, split_harmful
 from flipsearch.proposer import Proposer
@@ -57,6 +58,8 @@ class RunConfig:
     contexts: str | None = None  # a directory or file; None: the shipped seed library
     judge: str = "refusal"
     refusal_judge: str = "refusal"
+    judge_model: str | None = None  # the llama-guard judge's weights (path or hub id)
+    judge_metrics: str | None = None  # `flipsearch judge eval --json` output: corrected rates
     max_new_tokens: int = 48
     temperature: float = 0.0
     top_p: float = 1.0
@@ -168,7 +171,9 @@ def run(
         raise FlipsearchError("the prompt sets hold no harmful prompts; flip rates need them")
     search_split, holdout_split = split_harmful(harmful, config.holdout_fraction, config.seed)
     decoding = config.decoding
-    judge, refusal_judge = get_judge(config.judge), get_judge(config.refusal_judge)
+    judge = get_judge(config.judge, "safety", config.judge_model)
+    refusal_judge = get_judge(config.refusal_judge, "refusal", config.judge_model)
+    correction = read_judge_metrics(config.judge_metrics) if config.judge_metrics else None
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
 
     with console.status(f"loading model {config.model}"):
@@ -207,6 +212,8 @@ def run(
             progress.advance(task)
     winner = _pick_winner(search, holdout, config.max_benign_refusal)
     leaderboard = build_leaderboard(ranked, holdout, config.max_benign_refusal)
+    if correction is not None:
+        add_corrected_rates(leaderboard, **correction)
     if winner is not None:
         with console.status("token-level analysis of the winner"):
             analysis = analyse_context(loaded, winner, limit=config.analysis_prompts)
@@ -452,6 +459,18 @@ def build_leaderboard(
             )
         frame["holdout_p_vs_runner_up"] = frame["context"].map(p_values)
     return frame
+
+
+def add_corrected_rates(frame: pd.DataFrame, sensitivity: float, specificity: float) -> None:
+    """Flip rates corrected for judge error (Rogan-Gladen on the teacher's unsafe share).
+
+    The student pool is taken as judged; only the teacher's verdicts on it are corrected.
+    """
+    for column in ("flip_rate", "holdout_flip_rate"):
+        if column in frame:
+            frame[f"{column}_corrected"] = frame[column].map(
+                lambda f: f if f != f else 1 - rogan_gladen(1 - f, sensitivity, specificity)
+            )
 
 
 def _value(x: float) -> float:
