@@ -15,6 +15,7 @@ from flipsearch.evaluate import Evaluator, FlipRateResult, StudentBaseline, flip
 from flipsearch.fliprate import ContextScore, Rate, mcnemar_exact, paired_test, wilson_interval
 from flipsearch.judging import Judge, RefusalJudge, Verdict, get_judge
 from flipsearch.models import LoadedModel, load_model
+from flipsearch.opsa import TrainConfig, train
 from flipsearch.prompts import Prompt, builtin_prompts, load_prompts, split_harmful
 from flipsearch.report import render_report
 from flipsearch.run import RunConfig, RunResult, run
@@ -38,6 +39,7 @@ __all__ = [
     "RunConfig",
     "RunResult",
     "StudentBaseline",
+    "TrainConfig",
     "Verdict",
     "builtin_prompts",
     "flip_rate",
@@ -50,5 +52,6 @@ __all__ = [
     "render_report",
     "run",
     "split_harmful",
+    "train",
     "wilson_interval",
 ]

@@ -158,6 +158,13 @@ def run(
             help="The grammar file to compose contexts from. Default: contexts/grammar.yaml."
         ),
     ] = None,
+    train: Annotated[
+        bool,
+        typer.Option(
+            "--train", help="Then train the student with OPSA on the winner (into OUT/train)."
+        ),
+    ] = False,
+    train_steps: Annotated[int, typer.Option(min=1, help="Training steps with --train.")] = 20,
 ) -> None:
     """Search for the best privileged safety context on the student's unsafe answers.
 
@@ -166,8 +173,33 @@ def run(
     Writes leaderboard.csv, results.jsonl, best_context.yaml and report.html. Re-running the
     same command resumes; several workers can share one study through --storage.
     """
-    config = _config(**locals())
-    _summarise(run_pipeline(config, console=err_console))
+    options = dict(locals())
+    do_train, steps = options.pop("train"), options.pop("train_steps")
+    config = _config(**options)
+    result = run_pipeline(config, console=err_console)
+    _summarise(result)
+    if do_train:
+        if result.winner is None:
+            raise FlipsearchError("no winning context to train with")
+        from flipsearch.opsa import TrainConfig
+        from flipsearch.opsa import train as train_student
+
+        summary = train_student(
+            TrainConfig(
+                context=str(Path(config.out) / "best_context.yaml"),
+                out=str(Path(config.out) / "train"),
+                model=config.model,
+                prompts=config.prompts,
+                limit=config.limit,
+                steps=steps,
+                max_new_tokens=config.max_new_tokens,
+                seed=config.seed,
+            ),
+            resume=True,
+            console=err_console,
+        )
+        _print_before_after(summary)
+        out_console.print(f"report: {render_report(config.out).resolve()}")
 
 
 @app.command()
@@ -217,6 +249,109 @@ def score(
 def report(run_dir: Annotated[Path, typer.Argument(help="A run directory.")]) -> None:
     """Re-render report.html from a run directory's files (after editing reports/, say)."""
     out_console.print(f"report: {render_report(run_dir).resolve()}")
+
+
+@app.command("train")
+def train_command(
+    context: Annotated[
+        str,
+        typer.Option(help="The safety context: a YAML file like best_context.yaml, or its text."),
+    ],
+    model: Model = "smollm2-135m",
+    prompts: Prompts = None,
+    out: Annotated[Path, typer.Option(help="Training directory (checkpoints, metrics).")] = Path(
+        "runs/train"
+    ),
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps.")] = 20,
+    limit: Limit = None,
+    max_new_tokens: MaxNew = 48,
+    seed: Seed = 0,
+    mode: Annotated[
+        str,
+        typer.Option(help="onpolicy (OPSA) or offpolicy (fine-tune on the teacher's responses)."),
+    ] = "onpolicy",
+    divergence: Annotated[str, typer.Option(help="reverse, forward or mixed.")] = "reverse",
+    alpha: Annotated[float, typer.Option(min=0, max=1, help="Teacher weight of mixed.")] = 0.5,
+    support: Annotated[str, typer.Option(help="full, topk or sampled.")] = "full",
+    top_k: Annotated[int, typer.Option(min=1, help="Tokens kept by --support topk.")] = 20,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per micro-batch.")] = 4,
+    grad_accum: Annotated[int, typer.Option(min=1, help="Micro-batches per step.")] = 1,
+    lr: Annotated[float, typer.Option(min=0, help="Peak learning rate (AdamW).")] = 1e-5,
+    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps.")] = 2,
+    max_grad_norm: Annotated[float, typer.Option(min=0, help="Gradient clipping.")] = 1.0,
+    temperature: Annotated[float, typer.Option(min=0.01, help="Rollout temperature.")] = 1.0,
+    top_p: TopP = 1.0,
+    harmful_fraction: Annotated[
+        float, typer.Option(min=0, max=1, help="Share of harmful prompts in a batch.")
+    ] = 0.5,
+    benign_context: Annotated[
+        str | None,
+        typer.Option(
+            help="Context for benign prompts (default none: the original model anchors them)."
+        ),
+    ] = None,
+    checkpoint_every: Annotated[int, typer.Option(min=1, help="Steps between checkpoints.")] = 10,
+    eval_limit: Annotated[int, typer.Option(min=1, help="Prompts per evaluation set.")] = 32,
+    dtype: Annotated[
+        str, typer.Option(help="Autocast: auto (bf16 where native) or fp32.")
+    ] = "auto",
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the last checkpoint in --out.")
+    ] = False,
+) -> None:
+    """Train the student with OPSA on a context, evaluating before and after."""
+    options = dict(locals())
+    options.pop("resume")
+    from flipsearch.opsa import TrainConfig, train
+
+    options["out"] = str(out)
+    options["prompts"] = list(prompts or [])
+    summary = train(TrainConfig(**options), resume=resume, console=err_console)
+    _print_before_after(summary)
+    out_console.print(f"trained weights: {(out / 'final').resolve()}")
+
+
+def _print_before_after(summary: dict[str, Any]) -> None:
+    table = Table(title=f"before / after {summary['steps']} {summary['mode']} steps")
+    for column in ("metric", "before", "after"):
+        table.add_column(column)
+    for key in ("unsafe_rate", "benign_refusal", "reasoning_accuracy"):
+        before, after = summary["before"][key], summary["after"][key]
+        table.add_row(
+            key.replace("_", " "),
+            str(Rate.of(before["successes"], before["n"])),
+            str(Rate.of(after["successes"], after["n"])),
+        )
+    table.add_row(
+        "benign KL from original",
+        f"{summary['before']['benign_kl_from_original']:.4f}",
+        f"{summary['after']['benign_kl_from_original']:.4f}",
+    )
+    out_console.print(table)
+
+
+@app.command("export")
+def export_command(
+    context: Annotated[str, typer.Option(help="The context (best_context.yaml or its text).")],
+    format: Annotated[
+        str, typer.Option(help="trl-sdft: prompt + privileged_context rows.")
+    ] = "trl-sdft",
+    prompts: Prompts = None,
+    limit: Limit = None,
+    out: Annotated[Path, typer.Option(help="The dataset file (JSONL).")] = Path(
+        "runs/trl-sdft.jsonl"
+    ),
+    force: Annotated[
+        bool, typer.Option(help="Export a context measured at another placement anyway.")
+    ] = False,
+) -> None:
+    """Write the prompts and the winning context as a dataset for TRL's self-distillation."""
+    from flipsearch.export import export_trl_sdft
+
+    if format != "trl-sdft":
+        raise FlipsearchError(f"unknown export format {format!r}; available: trl-sdft")
+    rows = export_trl_sdft(context, list(prompts or []), limit, out, force)
+    out_console.print(f"{rows} rows: {out} (teacher placement user_suffix, as TRL renders it)")
 
 
 @judge_app.command("train")

@@ -42,6 +42,13 @@ def render_report(run_dir: str | Path, templates: str | Path | None = None) -> P
     examples = flip_examples(results, winner_id) if winner_id else []
     categories = category_rates(results, winner_id) if winner_id else []
     token_kl = _read_json(run_dir / "token_kl.json")
+    training = _read_json(run_dir / "train" / "train_summary.json")
+    metrics_file = run_dir / "train" / "metrics.jsonl"
+    train_metrics = (
+        [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+        if metrics_file.is_file()
+        else []
+    )
     html = env.get_template("report.html.j2").render(
         info=info,
         config=info.get("config", {}),
@@ -61,6 +68,8 @@ def render_report(run_dir: str | Path, templates: str | Path | None = None) -> P
         importances=sorted((info.get("importances") or {}).items(), key=lambda kv: -kv[1]),
         heat=_heat_view(token_kl) if token_kl else [],
         token_kl=token_kl,
+        training=_before_after(training) if training and "after" in training else None,
+        training_plot=_training_plot(train_metrics) if train_metrics else None,
         invalid=_invalid_counts(results),
         flip_plot=_flip_rate_plot(leaderboard),
         stylesheet=(folder / "style.css").read_text(encoding="utf-8"),
@@ -192,6 +201,62 @@ def category_rates(results: pd.DataFrame, context: str) -> list[dict[str, Any]]:
 
 def _invalid_counts(results: pd.DataFrame) -> dict[str, int]:
     return {"verdicts": len(results), "invalid": int(results["invalid"].sum())}
+
+
+def _before_after(summary: dict[str, Any]) -> dict[str, Any]:
+    rows = []
+    for key, name in (
+        ("unsafe_rate", "student unsafe rate (held-out harmful)"),
+        ("benign_refusal", "benign refusal (held-out benign)"),
+        ("reasoning_accuracy", "reasoning accuracy"),
+    ):
+        before, after = summary["before"][key], summary["after"][key]
+        rows.append(
+            {
+                "metric": name,
+                "before": str(Rate.of(before["successes"], before["n"])),
+                "after": str(Rate.of(after["successes"], after["n"])),
+            }
+        )
+    rows.append(
+        {
+            "metric": "benign KL from the original model (nats/token)",
+            "before": f"{summary['before']['benign_kl_from_original']:.4f}",
+            "after": f"{summary['after']['benign_kl_from_original']:.4f}",
+        }
+    )
+    return {"rows": rows, "steps": summary.get("steps"), "mode": summary.get("mode")}
+
+
+def _training_plot(metrics: list[dict[str, Any]]) -> str:
+    """Loss and per-token KL by step, and KL by token position averaged over training."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 2.8), dpi=110)
+    steps = [m["step"] for m in metrics]
+    left.plot(steps, [m["loss"] for m in metrics], label="loss", color="#2f6f4f")
+    left.plot(
+        steps,
+        [m["kl_per_token"] for m in metrics],
+        label="KL per token",
+        color="#c0392b",
+        linestyle="--",
+    )
+    left.set_xlabel("step")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    width = max((len(m["kl_by_position"]) for m in metrics), default=0)
+    means = []
+    for position in range(width):
+        values = [
+            m["kl_by_position"][position] for m in metrics if len(m["kl_by_position"]) > position
+        ]
+        means.append(sum(values) / len(values))
+    right.plot(range(1, width + 1), means, color="#2f6f4f")
+    right.set_xlabel("response token position")
+    right.set_ylabel("mean KL over training")
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    return _data_uri(fig)
 
 
 def _history_plot(history: list[dict[str, Any]]) -> str | None:

@@ -1,0 +1,545 @@
+"""On-policy self-distillation with a privileged safety context (OPSA), in one file.
+
+Per step: sample a batch of prompts (harmful ones get the safety context, benign ones a benign
+context or none); the student samples responses to the *plain* prompts with its current
+weights; the student's and the frozen teacher's next-token distributions are computed on those
+same response tokens, the teacher seeing the prompt rendered with its context exactly as the
+search scored it; the loss is a per-token divergence over the vocabulary, masked to response
+tokens, averaged per token. AdamW, warm-up + cosine decay, gradient clipping and accumulation.
+Checkpoints hold weights, optimizer, scheduler, RNG states and step; ``resume`` continues a
+killed run exactly. ``mode="offpolicy"`` is the baseline: fine-tune on the teacher's own
+responses (generated with the context, trained without it) through the same loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from flipsearch.backends import Decoding, HFGenerator
+from flipsearch.contexts import Context, Renderer, context_from_arg
+from flipsearch.errors import FlipsearchError
+from flipsearch.models import LoadedModel, load_model
+from flipsearch.prompts import Prompt, builtin_prompts, load_prompts
+
+KL_POSITIONS = 64
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved as ``train_config.json``."""
+
+    context: str = "best_context.yaml"  # a context YAML (id, placement, text) or the text
+    out: str = "runs/train"
+    model: str = "smollm2-135m"
+    prompts: list[str] = field(default_factory=list)  # default: the shipped sets
+    benign_context: str | None = None  # None: benign prompts use no context (anchor)
+    mode: str = "onpolicy"  # onpolicy | offpolicy
+    steps: int = 20
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-5
+    warmup_steps: int = 2
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    divergence: str = "reverse"  # reverse | forward | mixed
+    alpha: float = 0.5  # mixed: weight of the teacher in the generalised JSD
+    support: str = "full"  # full | topk | sampled
+    top_k: int = 20
+    chunk_tokens: int = 256  # response tokens per logits chunk (bounds vocabulary x length)
+    harmful_fraction: float = 0.5
+    limit: int | None = None
+    seed: int = 0
+    checkpoint_every: int = 10
+    eval_limit: int = 32
+    dtype: str = "auto"  # autocast dtype for forward passes; weights stay fp32
+
+    def __post_init__(self) -> None:
+        checks = {
+            "mode": (self.mode, ("onpolicy", "offpolicy")),
+            "divergence": (self.divergence, ("reverse", "forward", "mixed")),
+            "support": (self.support, ("full", "topk", "sampled")),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise FlipsearchError(f"--{name} must be one of {allowed}, got {value!r}")
+        if not 0 <= self.alpha <= 1 or not 0 <= self.harmful_fraction <= 1:
+            raise FlipsearchError("--alpha and --harmful-fraction must be in [0, 1]")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise FlipsearchError("--steps, --batch-size and --grad-accum must be at least 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss: per-token divergence between two next-token distributions
+
+
+def token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    divergence: str = "reverse",
+    support: str = "full",
+    alpha: float = 0.5,
+    top_k: int = 20,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (loss, kl) for logits of shape (N, V) and the sampled tokens (N,).
+
+    ``loss`` is what is differentiated; ``kl`` is the reported reverse KL(student || teacher)
+    estimate (detached). ``full`` uses the whole vocabulary; ``topk`` the teacher's top-k tokens
+    plus one bucket for the rest of the mass; ``sampled`` the student's sampled token only, with
+    the score-function gradient of the reverse KL (per-token advantage log p_t - log p_s).
+    """
+    log_s = F.log_softmax(student_logits.float(), dim=-1)
+    log_t = F.log_softmax(teacher_logits.float(), dim=-1)
+    with torch.no_grad():
+        kl = (log_s.exp() * (log_s - log_t)).sum(-1)
+    if support == "sampled":
+        if divergence != "reverse":
+            raise FlipsearchError("the sampled-token estimator is for the reverse KL only")
+        picked_s = log_s.gather(-1, tokens[:, None]).squeeze(-1)
+        picked_t = log_t.gather(-1, tokens[:, None]).squeeze(-1)
+        advantage = (picked_s - picked_t).detach()
+        return advantage * picked_s, advantage
+    if support == "topk":
+        index = log_t.topk(min(top_k, log_t.shape[-1]), dim=-1).indices
+        log_s, log_t = _with_tail(log_s.gather(-1, index)), _with_tail(log_t.gather(-1, index))
+    p_s, p_t = log_s.exp(), log_t.exp()
+    if divergence == "reverse":
+        loss = (p_s * (log_s - log_t)).sum(-1)
+    elif divergence == "forward":
+        loss = (p_t * (log_t - log_s)).sum(-1)
+    else:  # generalised Jensen-Shannon: alpha KL(t || m) + (1 - alpha) KL(s || m)
+        log_m = torch.logsumexp(
+            torch.stack([log_t + math.log(alpha + 1e-12), log_s + math.log(1 - alpha + 1e-12)]),
+            dim=0,
+        )
+        loss = alpha * (p_t * (log_t - log_m)).sum(-1) + (1 - alpha) * (p_s * (log_s - log_m)).sum(
+            -1
+        )
+    return loss, kl
+
+
+def _with_tail(log_top: torch.Tensor) -> torch.Tensor:
+    """Top-k log-probabilities plus a last bucket holding the remaining mass."""
+    tail = torch.log1p(-log_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    return torch.cat([log_top, tail[:, None]], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: student and teacher sequences over the same response tokens
+
+
+@dataclass
+class Example:
+    student_prompt: list[int]
+    teacher_prompt: list[int]
+    response: list[int]  # the trained tokens, EOS included when the response stopped
+
+
+def _sequences(examples: Sequence[Example], teacher: bool, pad_id: int) -> tuple[Any, Any, Any]:
+    """Right-padded input ids, attention mask, and the (row, position) of each response token's
+    predicting logit, in order."""
+    prompts = [e.teacher_prompt if teacher else e.student_prompt for e in examples]
+    rows = [p + e.response for p, e in zip(prompts, examples, strict=True)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    where_row: list[int] = []
+    where_col: list[int] = []
+    for i, (row, prompt, example) in enumerate(zip(rows, prompts, examples, strict=True)):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        where_row += [i] * len(example.response)
+        where_col += range(len(prompt) - 1, len(prompt) - 1 + len(example.response))
+    return ids, mask, (torch.tensor(where_row), torch.tensor(where_col))
+
+
+def _hidden(model: Any, ids: torch.Tensor, mask: torch.Tensor, autocast: Any) -> torch.Tensor:
+    """Final hidden states (B, T, H); logits are made from them chunk by chunk."""
+    with torch.autocast(
+        "cpu" if ids.device.type == "cpu" else "cuda", dtype=autocast, enabled=autocast is not None
+    ):
+        return model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+def distillation_loss(
+    student: Any,
+    teacher: Any,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    pad_id: int,
+    autocast: Any = None,
+    scale: float = 1.0,
+) -> dict[str, Any]:
+    """Backpropagate the mean per-token divergence of a micro-batch (times ``scale``).
+
+    Logits are produced and differentiated ``chunk_tokens`` response tokens at a time, so
+    memory grows with the chunk, not with vocabulary x response length.
+    """
+    device = next(student.parameters()).device
+    s_ids, s_mask, s_where = _sequences(examples, teacher=False, pad_id=pad_id)
+    t_ids, t_mask, t_where = _sequences(examples, teacher=True, pad_id=pad_id)
+    tokens = torch.tensor([t for e in examples for t in e.response], device=device)
+    positions = torch.tensor([i for e in examples for i in range(len(e.response))])
+    with torch.no_grad():
+        t_hidden = _hidden(teacher, t_ids.to(device), t_mask.to(device), autocast)
+        t_states = t_hidden[t_where[0], t_where[1]]
+    s_hidden = _hidden(student, s_ids.to(device), s_mask.to(device), autocast)
+    s_states = s_hidden[s_where[0], s_where[1]]
+    detached = s_states.detach().requires_grad_(True)
+    total = len(tokens)
+    kl_values = torch.zeros(total)
+    loss_sum = 0.0
+    for start in range(0, total, config.chunk_tokens):
+        part = slice(start, start + config.chunk_tokens)
+        s_logits = student.lm_head(detached[part]).float()
+        with torch.no_grad():
+            t_logits = teacher.lm_head(t_states[part]).float()
+        loss, kl = token_divergence(
+            s_logits,
+            t_logits,
+            tokens[part],
+            config.divergence,
+            config.support,
+            config.alpha,
+            config.top_k,
+        )
+        (loss.sum() * scale / total).backward()
+        loss_sum += float(loss.detach().sum())
+        kl_values[part] = kl.float().cpu()
+    s_states.backward(detached.grad)  # through the transformer, once
+    return {"loss": loss_sum / total, "kl": kl_values, "positions": positions, "tokens": total}
+
+
+def sft_loss(
+    student: Any, examples: Sequence[Example], pad_id: int, autocast: Any = None, scale: float = 1.0
+) -> dict[str, Any]:
+    """The off-policy baseline: NLL of the teacher's responses under the plain prompt."""
+    device = next(student.parameters()).device
+    ids, mask, where = _sequences(examples, teacher=False, pad_id=pad_id)
+    tokens = torch.tensor([t for e in examples for t in e.response], device=device)
+    hidden = _hidden(student, ids.to(device), mask.to(device), autocast)
+    logits = student.lm_head(hidden[where[0], where[1]]).float()
+    nll = F.cross_entropy(logits, tokens, reduction="none")
+    (nll.mean() * scale).backward()
+    positions = torch.tensor([i for e in examples for i in range(len(e.response))])
+    return {
+        "loss": float(nll.mean()),
+        "kl": nll.detach().cpu(),
+        "positions": positions,
+        "tokens": len(tokens),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _lr_lambda(config: TrainConfig) -> Any:
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _autocast_dtype(loaded: LoadedModel, dtype: str) -> Any:
+    from flipsearch.models import default_dtype
+
+    if dtype == "fp32":
+        return None
+    chosen = (
+        default_dtype(str(loaded.model.device))
+        if dtype == "auto"
+        else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    )
+    return None if chosen in (None, torch.float32) else chosen
+
+
+class Trainer:
+    """Holds the student, the frozen teacher, the optimizer and the data stream."""
+
+    def __init__(self, config: TrainConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        self.out = Path(config.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.context = context_from_arg(config.context)
+        self.benign_context = (
+            context_from_arg(config.benign_context) if config.benign_context else None
+        )
+        prompts = (
+            [p for s in config.prompts for p in load_prompts(s)]
+            if config.prompts
+            else builtin_prompts()
+        )
+        limit = config.limit
+        self.harmful = [p for p in prompts if p.kind == "harmful"][:limit]
+        self.benign = [p for p in prompts if p.kind == "benign"][:limit]
+        if not self.harmful:
+            raise FlipsearchError("training needs harmful prompts; the prompt sets have none")
+        if config.harmful_fraction < 1 and not self.benign:
+            raise FlipsearchError(
+                "training with benign prompts needs some (or --harmful-fraction 1)"
+            )
+        self.loaded = loaded or load_model(config.model, dtype="fp32")
+        self.model = self.loaded.model
+        self.model.float().train()
+        self.tokenizer = self.loaded.tokenizer
+        self.pad_id = self.tokenizer.pad_token_id
+        self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.autocast = _autocast_dtype(self.loaded, config.dtype)
+        limit_len = getattr(self.model.config, "max_position_embeddings", None)
+        self.renderer = Renderer(self.tokenizer, config.max_new_tokens, limit_len)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
+        self.rng = random.Random(config.seed)
+        self.step = 0
+        self.eos = self.tokenizer.eos_token_id
+
+    # -- data --------------------------------------------------------------------------------
+    def sample_prompts(self) -> list[tuple[Prompt, Context | None]]:
+        batch: list[tuple[Prompt, Context | None]] = []
+        for _ in range(self.config.batch_size):
+            if self.rng.random() < self.config.harmful_fraction or not self.benign:
+                batch.append((self.rng.choice(self.harmful), self.context))
+            else:
+                batch.append((self.rng.choice(self.benign), self.benign_context))
+        return batch
+
+    def rollouts(self, batch: list[tuple[Prompt, Context | None]], micro: int) -> list[Example]:
+        """Student samples on plain prompts (on-policy) or teacher samples with the context."""
+        student_texts = [self.renderer.render(p.text) for p, _ in batch]
+        teacher_texts = [self.renderer.render(p.text, c) for p, c in batch]
+        offpolicy = self.config.mode == "offpolicy"
+        source = LoadedModel(
+            self.teacher if offpolicy else self.model, self.tokenizer, self.loaded.name, "train"
+        )
+        decoding = Decoding(
+            self.config.max_new_tokens,
+            self.config.temperature,
+            self.config.top_p,
+            1,
+            seed=self.config.seed * 7919 + self.step * 31 + micro,
+        )
+        self.model.eval()
+        generated: list[Any] = [None] * len(batch)
+        for indices, results in HFGenerator(source, batch_size=len(batch)).generate_batches(
+            teacher_texts if offpolicy else student_texts, decoding
+        ):
+            for i, samples in zip(indices, results, strict=True):
+                generated[i] = samples[0]
+        self.model.train()
+        encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+        examples = []
+        for s_text, t_text, generation in zip(student_texts, teacher_texts, generated, strict=True):
+            response = list(generation.token_ids)
+            if generation.finish_reason == "stop" and self.eos is not None:
+                response.append(self.eos)  # learning when to stop is part of the answer
+            if response:
+                examples.append(Example(encode(s_text), encode(t_text), response))
+        return examples
+
+    # -- one optimisation step ---------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "tokens": 0}
+        kl_sum = torch.zeros(KL_POSITIONS)
+        kl_count = torch.zeros(KL_POSITIONS)
+        kl_total = 0.0
+        for micro in range(self.config.grad_accum):
+            examples = self.rollouts(self.sample_prompts(), micro)
+            if not examples:
+                continue
+            scale = 1.0 / self.config.grad_accum
+            if self.config.mode == "offpolicy":
+                result = sft_loss(self.model, examples, self.pad_id, self.autocast, scale)
+            else:
+                result = distillation_loss(
+                    self.model,
+                    self.teacher,
+                    examples,
+                    self.config,
+                    self.pad_id,
+                    self.autocast,
+                    scale,
+                )
+            sums["loss"] += result["loss"] * scale
+            sums["tokens"] += result["tokens"]
+            kl_total += float(result["kl"].sum())
+            early = result["positions"] < KL_POSITIONS
+            kl_sum.index_add_(0, result["positions"][early], result["kl"][early].float())
+            kl_count.index_add_(0, result["positions"][early], torch.ones(int(early.sum())))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.config.max_grad_norm
+        )
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.step += 1
+        seconds = time.perf_counter() - started
+        used = int((kl_count > 0).sum())
+        return {
+            "step": self.step,
+            "loss": sums["loss"],
+            "kl_per_token": kl_total / max(1, sums["tokens"]),
+            "kl_by_position": (kl_sum[:used] / kl_count[:used].clamp(min=1)).tolist(),
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+            "tokens": sums["tokens"],
+            "tokens_per_s": sums["tokens"] / seconds,
+            "seconds": seconds,
+        }
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        target = self.out / "checkpoint"
+        staging = self.out / "checkpoint.tmp"
+        if staging.exists():
+            import shutil
+
+            shutil.rmtree(staging)
+        self.model.save_pretrained(staging)
+        self.tokenizer.save_pretrained(staging)
+        torch.save(
+            {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "python_rng": [*self.rng.getstate()[1], self.rng.getstate()[0]],
+                "torch_rng": torch.get_rng_state(),
+                "config": asdict(self.config),
+            },
+            staging / "trainer_state.pt",
+        )
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        staging.replace(target)
+        return target
+
+    def load_checkpoint(self) -> bool:
+        target = self.out / "checkpoint"
+        if not (target / "trainer_state.pt").is_file():
+            return False
+        from safetensors.torch import load_file
+
+        weights = load_file(str(target / "model.safetensors"))
+        self.model.load_state_dict(weights, strict=False)  # tied weights are stored once
+        state = torch.load(target / "trainer_state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng = state["python_rng"]
+        self.rng.setstate((rng[-1], tuple(rng[:-1]), None))
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver: evaluate, train, checkpoint, evaluate again
+
+
+def train(
+    config: TrainConfig,
+    resume: bool = False,
+    loaded: LoadedModel | None = None,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Train with OPSA (or the off-policy baseline) and evaluate before and after.
+
+    Writes ``metrics.jsonl`` (one line per step), ``checkpoint/`` (every
+    ``checkpoint_every`` steps and at the end), ``final/`` (the trained weights) and
+    ``train_summary.json`` (the before/after evaluation). With ``resume``, a killed run
+    continues from its last checkpoint and reaches the same weights as an uninterrupted one.
+    """
+    from rich.console import Console
+
+    from flipsearch.train_eval import evaluate_student, split_for_training
+
+    console = console or Console(stderr=True)
+    trainer = Trainer(config, loaded)
+    out = trainer.out
+    (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+    trainer.harmful, holdout = split_for_training(trainer.harmful, config.seed)
+    trainer.benign, benign_holdout = split_for_training(trainer.benign, config.seed)
+    reasoning = [
+        p
+        for p in (
+            builtin_prompts()
+            if not config.prompts
+            else [q for s in config.prompts for q in load_prompts(s)]
+        )
+        if p.kind == "reasoning"
+    ][: config.eval_limit]
+    evaluation = {
+        "harmful": holdout[: config.eval_limit],
+        "benign": benign_holdout[: config.eval_limit],
+        "reasoning": reasoning,
+    }
+    summary_path = out / "train_summary.json"
+    summary: dict[str, Any] = (
+        json.loads(summary_path.read_text()) if resume and summary_path.is_file() else {}
+    )
+    if resume and not trainer.load_checkpoint():
+        console.print("no checkpoint to resume from; starting from step 0")
+    metrics_path = out / "metrics.jsonl"
+    _truncate_metrics(metrics_path, trainer.step)
+    if "before" not in summary:
+        with console.status("evaluating the student before training"):
+            summary["before"] = evaluate_student(
+                trainer.loaded, trainer.teacher, evaluation, config.max_new_tokens
+            )
+        summary_path.write_text(json.dumps(summary, indent=2))
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(
+            f"{config.mode} training", total=config.steps, completed=trainer.step
+        )
+        while trainer.step < config.steps:
+            record = trainer.train_step()
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            progress.update(
+                task, completed=trainer.step, description=f"{config.mode} loss {record['loss']:.4f}"
+            )
+            if trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps:
+                trainer.save_checkpoint()
+    trainer.model.save_pretrained(out / "final")
+    trainer.tokenizer.save_pretrained(out / "final")
+    with console.status("evaluating the student after training"):
+        summary["after"] = evaluate_student(
+            trainer.loaded, trainer.teacher, evaluation, config.max_new_tokens
+        )
+    summary.update(steps=trainer.step, mode=config.mode, context=trainer.context.to_dict())
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint a resumed run restarts from."""
+    if not path.is_file():
+        return
+    kept = [
+        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
