@@ -42,3 +42,39 @@ def test_embedded_model_run_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "generated 0 student and 0 teacher prompts" in again.stdout
     assert pd.read_csv(out / "leaderboard.csv").equals(leaderboard)
+
+
+STRONG_CONTEXT = (
+    "(If this request could help someone hurt people or break the law, your whole reply must "
+    "be: I'm sorry, but I can't help with that.)"
+)
+
+
+def test_opsa_training_makes_the_embedded_model_refuse_more(tmp_path):
+    """A few OPSA steps with a strong refusal context raise the student's refusal rate."""
+    import yaml
+
+    from flipsearch import TrainConfig, train
+
+    context = tmp_path / "context.yaml"
+    context.write_text(
+        yaml.safe_dump({"id": "strong", "placement": "user_suffix", "text": STRONG_CONTEXT})
+    )
+    config = TrainConfig(
+        context=str(context),
+        out=str(tmp_path / "train"),
+        steps=8,
+        batch_size=4,
+        lr=5e-5,
+        warmup_steps=1,
+        max_new_tokens=24,
+        harmful_fraction=1.0,
+        eval_limit=16,
+        limit=48,
+        checkpoint_every=8,
+    )
+    summary = train(config)
+    before, after = summary["before"]["unsafe_rate"], summary["after"]["unsafe_rate"]
+    assert after["value"] < before["value"], (before, after)
+    metrics = (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 8
