@@ -44,6 +44,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--max-benign-refusal", type=float, default=0.5)
     parser.add_argument("--prune-every", type=int, default=8)
+    parser.add_argument(
+        "--work",
+        default=None,
+        help="keep caches here and reuse the student's and the exhaustive one",
+    )
     args = parser.parse_args()
 
     loaded = load_model(args.model)
@@ -53,13 +58,18 @@ def main() -> None:
     search_split, _ = split_harmful(harmful, 0.3, seed=0)
     contexts = load_contexts()
     decoding = Decoding(max_new_tokens=args.max_new_tokens)
-    work = Path(tempfile.mkdtemp(prefix="flipsearch-bench-"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="flipsearch-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     student_cache = work / "student.sqlite"
     student = Evaluator(loaded, decoding=decoding, cache=GenerationCache(student_cache))
     student.prefetch([*search_split, *benign], None)
     student.cache.close()  # type: ignore[union-attr]
 
     def fresh_evaluator(name: str) -> Evaluator:
+        if name == "exhaustive" and (work / f"{name}.sqlite").exists():
+            return Evaluator(
+                loaded, decoding=decoding, cache=GenerationCache(work / f"{name}.sqlite")
+            )
         shutil.copy(student_cache, work / f"{name}.sqlite")
         return Evaluator(loaded, decoding=decoding, cache=GenerationCache(work / f"{name}.sqlite"))
 
@@ -72,7 +82,10 @@ def main() -> None:
     scores = {c.id: exhaustive.score(c, search_split, benign, "search") for c in contexts}
     rows = rank_rows([score_row(s) for s in scores.values()], args.max_benign_refusal)
     best = rows[0]["context"]
-    full = exhaustive.generated["teacher"]
+    # Exhaustive scoring generates every (context, prompt) pair once; a reused cache (--work)
+    # generated them in an earlier run of this script.
+    full = len(contexts) * (len(search_split) + len(benign))
+    assert exhaustive.generated["teacher"] in (0, full)
     print(
         f"exhaustive: {full} teacher generations in {time.perf_counter() - started:.0f} s; "
         f"winner {best} ({scores[best].flip_rate})"
@@ -113,7 +126,8 @@ def main() -> None:
             f"{seed:>4} {used:>11} {used / full:>6.1%} {pruned:>6} "
             f"{time.perf_counter() - started:>7.0f}  {winner} ({verdict})"
         )
-    shutil.rmtree(work, ignore_errors=True)
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,21 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(2400)
 def test_embedded_model_run_end_to_end(tmp_path):
     out = tmp_path / "run"
+    # Every seed context once (26 trials), on the first 16 prompts of each kind.
     args = [
         sys.executable,
         "-m",
         "flipsearch.cli",
         "run",
         "--limit",
-        "24",
+        "16",
+        "--trials",
+        "26",
         "--max-new-tokens",
-        "32",
+        "24",
         "--out",
         str(out),
     ]
@@ -50,6 +54,7 @@ STRONG_CONTEXT = (
 )
 
 
+@pytest.mark.timeout(2400)
 def test_opsa_training_makes_the_embedded_model_refuse_more(tmp_path):
     """A few OPSA steps with a strong refusal context raise the student's refusal rate."""
     import yaml
