@@ -1,13 +1,17 @@
 """Pruned search vs exhaustive scoring: teacher generations used and the winner found.
 
-    python benchmarks/search.py [--limit 48] [--max-new-tokens 32] [--seeds 0,1,2]
+    python benchmarks/search.py [--limit 48] [--max-new-tokens 32] [--seeds 0,1,2,3,4]
 
 Exhaustive scoring generates every seed context's teacher answers on the whole search split and
-the benign set. The pruned search runs the same candidates as Optuna trials (in a seed-shuffled
-order, since the order a library is enqueued in is arbitrary) with the Wilcoxon pruner. Each
-method starts from a cache holding only the student's answers, so its count of teacher
-generations is what it really generated. A pruned winner that differs from the exhaustive one
-is compared with it by the exact McNemar test on the exhaustive scores.
+the benign set. The pruned search runs the same candidates as Optuna trials with the Wilcoxon
+pruner, as `flipsearch run` does: each seed's first chunk of prompts is generated up front (the
+screen), the seeds are enqueued strongest first, and each trial meets the pool in its own
+shuffled order; the seed changes those orders (and how screening ties are broken). The search
+measures benign refusal only for contexts that could still win ("skipped" counts the others)
+and stops it once the limit is surely exceeded ("stopped"). Each method starts from a cache
+holding only the student's answers, so its count of teacher generations is what it really
+generated. A pruned winner that differs from the exhaustive one is compared with it by the
+exact McNemar test on the exhaustive scores.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--limit", type=int, default=48)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--max-benign-refusal", type=float, default=0.5)
     parser.add_argument("--prune-every", type=int, default=8)
     parser.add_argument(
@@ -70,6 +74,8 @@ def main() -> None:
             return Evaluator(
                 loaded, decoding=decoding, cache=GenerationCache(work / f"{name}.sqlite")
             )
+        for suffix in ("-wal", "-shm"):  # a stale log beside a fresh copy corrupts it
+            (work / f"{name}.sqlite{suffix}").unlink(missing_ok=True)
         shutil.copy(student_cache, work / f"{name}.sqlite")
         return Evaluator(loaded, decoding=decoding, cache=GenerationCache(work / f"{name}.sqlite"))
 
@@ -91,9 +97,11 @@ def main() -> None:
         f"winner {best} ({scores[best].flip_rate})"
     )
     print(
-        f"{'seed':>4} {'generations':>11} {'share':>6} {'pruned':>6} {'seconds':>7}  "
+        f"{'seed':>4} {'generations':>11} {'share':>6} {'pruned':>6} {'skipped':>7} "
+        f"{'stopped':>7} {'seconds':>7}  "
         "winner (p vs exhaustive winner)"
     )
+    shares, same = [], 0
     for seed in [int(s) for s in args.seeds.split(",")]:
         started = time.perf_counter()
         evaluator = fresh_evaluator(f"pruned-{seed}")
@@ -112,20 +120,30 @@ def main() -> None:
         study, _ = open_study(settings, optuna.storages.InMemoryStorage())
         order = list(contexts)
         random.Random(seed).shuffle(order)
-        enqueue_seeds(study, order)
         objective = ContextObjective(
             evaluator, contexts, load_grammar(), search_split, benign, settings
         )
+        enqueue_seeds(study, objective.screen(order))
         study.optimize(objective, n_trials=len(contexts))
         found = rank_rows(trial_rows(study), args.max_benign_refusal)
         winner = found[0]["context"]
         used = evaluator.generated["teacher"]
         pruned = sum(r["state"] == "pruned" for r in found)
+        skipped = sum(r.get("benign") == "not needed" for r in found)
+        stopped = sum(r.get("benign") == "stopped" for r in found)
         verdict = "same" if winner == best else f"p={compare(scores[winner], scores[best]):.3g}"
+        shares.append(used / full)
+        same += winner == best
         print(
-            f"{seed:>4} {used:>11} {used / full:>6.1%} {pruned:>6} "
+            f"{seed:>4} {used:>11} {used / full:>6.1%} {pruned:>6} {skipped:>7} {stopped:>7} "
             f"{time.perf_counter() - started:>7.0f}  {winner} ({verdict})"
         )
+    median = sorted(shares)[len(shares) // 2]
+    print(
+        f"mean share {sum(shares) / len(shares):.1%}, median {median:.1%}, "
+        f"at most a third on {sum(s <= 1 / 3 for s in shares)} of {len(shares)} seeds; "
+        f"same winner on {same} of {len(shares)}"
+    )
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -83,13 +83,27 @@ class Evaluator:
             rendered = self.renderer.render_all([p.text for p in prompts], context)
             self._generate(rendered, context, "prompts")
 
+    def prefetch_many(self, work: Sequence[tuple[Sequence[Prompt], Context]], what: str) -> None:
+        """Generate the teacher responses of several contexts in one pass (one set of batches)."""
+        if self.cache is None:  # without a cache there is nothing to warm
+            return
+        rendered = [
+            text
+            for prompts, context in work
+            for text in self.renderer.render_all([p.text for p in prompts], context)
+        ]
+        self._generate(rendered, None, what, role="teacher")
+
     def _generate(
-        self, rendered: list[str], context: Context | None, what: str
+        self, rendered: list[str], context: Context | None, what: str, role: str | None = None
     ) -> list[list[Generation]]:
-        who = "student" if context is None else context.id
+        role = role or ("student" if context is None else "teacher")
+        who = "student: " if role == "student" else ""
+        if context is not None:
+            who = f"{context.id}: "
         task = None
         if self.progress is not None:
-            task = self.progress.add_task(f"{who}: {len(rendered)} {what}", total=len(rendered))
+            task = self.progress.add_task(f"{who}{len(rendered)} {what}", total=len(rendered))
         responses, generated = generate_cached(
             self.generator,
             self.cache,
@@ -97,7 +111,7 @@ class Evaluator:
             self.decoding,
             on_progress=(lambda n: self.progress.advance(task, n)) if task is not None else None,
         )
-        self.generated["student" if context is None else "teacher"] += generated
+        self.generated[role] += generated
         if task is not None:
             self.progress.remove_task(task)
         return responses

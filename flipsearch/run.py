@@ -44,6 +44,7 @@ from flipsearch.search import (
     recover_stale_trials,
     redacted_url,
     score_row,
+    study_exists,
     trial_rows,
 )
 
@@ -210,6 +211,10 @@ def run(
             if holdout_split:
                 holdout.append(evaluator.score(context, holdout_split, [], "holdout"))
             progress.advance(task)
+        if search:  # finalists now have every benign prompt measured: their rows say so
+            rescored = {s.context.id: score_row(s) for s in search}
+            rows = [{**r, **rescored.get(r["context"], {})} for r in rows]
+            ranked = rank_rows(rows, config.max_benign_refusal)
     winner = _pick_winner(search, holdout, config.max_benign_refusal)
     leaderboard = build_leaderboard(ranked, holdout, config.max_benign_refusal)
     if correction is not None:
@@ -266,15 +271,6 @@ def _search(
     settings = config.search_settings()
     grammar = load_grammar(config.grammar or _grammar_beside(config.contexts))
     storage = open_storage(settings.storage, out)
-    study, created = open_study(settings, storage)
-    if created:
-        enqueue_seeds(study, seeds)
-    recovered = recover_stale_trials(study, storage)
-    task = progress.add_task(
-        "search trials",
-        total=settings.trials,
-        completed=min(finished_trials(study), settings.trials),
-    )
     objective = ContextObjective(
         evaluator,
         seeds,
@@ -285,6 +281,18 @@ def _search(
         on_trial=lambda: progress.update(
             task, completed=min(finished_trials(study), settings.trials)
         ),
+    )
+    order = seeds
+    if not settings.multi_objective and not study_exists(storage, settings.study):
+        order = objective.screen(seeds)  # strongest seeds first: the rest prune against them
+    study, created = open_study(settings, storage)
+    if created:
+        enqueue_seeds(study, order)
+    recovered = recover_stale_trials(study, storage)
+    task = progress.add_task(
+        "search trials",
+        total=settings.trials,
+        completed=min(finished_trials(study), settings.trials),
     )
     proposer = None
     if config.proposer:

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from flipsearch.contexts import Context
 from flipsearch.errors import FlipsearchError
 from flipsearch.evaluate import Evaluator
-from flipsearch.fliprate import ContextScore, PairedOutcome, Rate
+from flipsearch.fliprate import ContextScore, Judged, PairedOutcome, Rate
 from flipsearch.grammar import Grammar
 from flipsearch.prompts import Prompt
 
@@ -50,11 +50,22 @@ class SearchSettings:
     seed: int
 
 
-def score_row(score: ContextScore, state: str = "complete") -> dict[str, Any]:
-    """A leaderboard row for a fully scored context (JSON-safe; stored with its trial)."""
+def score_row(
+    score: ContextScore, state: str = "complete", benign: str = "measured"
+) -> dict[str, Any]:
+    """A leaderboard row for a scored context (JSON-safe; stored with its trial).
+
+    ``benign`` says how far its benign refusal was measured: ``measured`` (every benign prompt),
+    ``stopped`` (stopped early, surely over the limit) or ``not needed`` (it could not win).
+    """
     row = score.summary()
     row.pop("split")
-    row.update(_context_fields(score.context), state=state, outcomes=score.flip_outcomes())
+    row.update(
+        _context_fields(score.context),
+        state=state,
+        benign=benign if score.benign or benign != "measured" else "none",
+        outcomes=score.flip_outcomes(),
+    )
     return _json_safe(row)
 
 
@@ -173,6 +184,10 @@ def open_study(settings: SearchSettings, storage: Any) -> tuple[optuna.Study, bo
         return study, False
 
 
+def study_exists(storage: Any, name: str) -> bool:
+    return any(s.study_name == name for s in storage.get_all_studies())
+
+
 def recover_stale_trials(study: optuna.Study, storage: Any) -> int:
     """Re-queue trials left RUNNING by a killed worker of this machine; returns how many.
 
@@ -271,9 +286,36 @@ class ContextObjective:
             if self.on_trial is not None:
                 self.on_trial()
 
-    def _score(self, trial: optuna.Trial, context: Context) -> float | tuple[float, float]:
+    def prompt_order(self, context: Context) -> list[int]:
+        """The order a context meets the pool in: shuffled per context (and run seed), so a
+        re-run or re-queued trial of the same context asks for the same, cached, prompts."""
         order = list(range(len(self.pool)))
-        random.Random(f"{self.settings.seed}:{trial.number}").shuffle(order)
+        random.Random(f"{self.settings.seed}:{context.id}").shuffle(order)
+        return order
+
+    def screen(self, contexts: Sequence[Context]) -> list[Context]:
+        """Contexts ordered by their flips on the first chunk of their own prompt order.
+
+        Every trial generates that chunk before its first pruning check anyway; generating the
+        seeds' chunks up front, in one set of full batches, costs nothing extra and lets the
+        strongest seeds run first, so the others are pruned against them after one chunk
+        (successive halving's first rung, in the study's queue). Ties keep the given order.
+        """
+        step = max(1, self.settings.prune_every)
+        chunks = {c.id: [self.pool[i] for i in self.prompt_order(c)[:step]] for c in contexts}
+        self.evaluator.prefetch_many(
+            [(chunks[c.id], c) for c in contexts], f"prompts to screen {len(contexts)} seeds"
+        )
+        flips = {}
+        for context in contexts:
+            teacher = self.evaluator.judged(chunks[context.id], context, "safety")
+            flips[context.id] = sum(
+                PairedOutcome(self.student[j.prompt.id], j).flip for j in teacher
+            )
+        return sorted(contexts, key=lambda c: -flips[c.id])
+
+    def _score(self, trial: optuna.Trial, context: Context) -> float | tuple[float, float]:
+        order = self.prompt_order(context)
         outcomes: dict[str, float] = {}
         pool_size = 0.0
         step = max(1, self.settings.prune_every)
@@ -292,17 +334,51 @@ class ContextObjective:
             if not self.settings.multi_objective and trial.should_prune():
                 trial.set_user_attr("row", _partial_row(context, outcomes, pool_size))
                 raise optuna.TrialPruned()
-        score = self.evaluator.score(context, self.search_split, self.benign, "search")
-        row = score_row(score)
-        trial.set_user_attr("row", row)
-        refusal = score.benign_refusal.value if self.benign else 0.0
-        if not self.settings.multi_objective:
-            # <= 0 is feasible; TPE prefers feasible contexts. Pruned trials set none.
-            trial.set_constraint("benign_refusal", refusal - self.settings.max_benign_refusal)
-        flip_rate = score.flip_rate.value
         if self.settings.multi_objective:
-            return flip_rate, refusal
+            score = self.evaluator.score(context, self.search_split, self.benign, "search")
+            trial.set_user_attr("row", score_row(score))
+            return score.flip_rate.value, (score.benign_refusal.value if self.benign else 0.0)
+        score = self.evaluator.score(context, self.search_split, [], "search")
+        flip_rate = score.flip_rate.value
+        best = best_feasible_value(trial.study)
+        if self.benign and best is not None and flip_rate < best:
+            # It cannot win: a complete, feasible trial flips more on the same prompts, so its
+            # benign refusal would change nothing. Left unmeasured (and unconstrained).
+            trial.set_user_attr("row", score_row(score, benign="not needed"))
+            return flip_rate
+        score.benign, stopped = self._benign_refusals(context)
+        trial.set_user_attr("row", score_row(score, benign="stopped" if stopped else "measured"))
+        refusal = score.benign_refusal.value if self.benign else 0.0
+        # <= 0 is feasible; TPE prefers feasible contexts.
+        trial.set_constraint("benign_refusal", refusal - self.settings.max_benign_refusal)
         return flip_rate
+
+    def _benign_refusals(self, context: Context) -> tuple[list[Judged], bool]:
+        """Benign answers judged in chunks, stopping once the limit is surely exceeded.
+
+        "Surely" is the Wilson 95% lower bound above ``max_benign_refusal``; the partial count
+        is kept, so the leaderboard shows on how many prompts the context was stopped.
+        """
+        judged: list[Judged] = []
+        step = max(1, 2 * self.settings.prune_every)
+        for start in range(0, len(self.benign), step):
+            judged += self.evaluator.judged(self.benign[start : start + step], context, "refusal")
+            rate = Rate.of(sum(j.refusal_share for j in judged), len(judged))
+            if len(judged) < len(self.benign) and rate.low > self.settings.max_benign_refusal:
+                return judged, True
+        return judged, False
+
+
+def best_feasible_value(study: optuna.Study) -> float | None:
+    """The highest flip rate among complete trials whose benign refusal is within the limit."""
+    values = [
+        t.value
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None
+        and t.constraints  # measured: not a trial that skipped the benign prompts
+        and all(v <= 0 for v in t.constraints.values())
+    ]
+    return max(values, default=None)
 
 
 def enqueue_seeds(study: optuna.Study, seeds: Sequence[Context]) -> None:

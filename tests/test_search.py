@@ -14,6 +14,7 @@ import pytest
 
 from flipsearch import Context, Decoding, Evaluator, Generation, Prompt, RunConfig, run
 from flipsearch.grammar import load_grammar
+from flipsearch.run import rank_rows
 from flipsearch.search import (
     ContextObjective,
     SearchSettings,
@@ -88,14 +89,14 @@ SEEDS = [
 ]
 
 
-def _search(tiny_model, tmp_path, **overrides):
+def _search(tiny_model, tmp_path, seeds=SEEDS, benign=BENIGN, **overrides):
     settings = _settings(**overrides)
     evaluator = _evaluator(tiny_model, tmp_path)
     study, created = open_study(settings, optuna.storages.InMemoryStorage())
     assert created
-    enqueue_seeds(study, SEEDS)
-    objective = ContextObjective(evaluator, SEEDS, load_grammar(), HARMFUL, BENIGN, settings)
-    study.optimize(objective, n_trials=len(SEEDS))
+    enqueue_seeds(study, seeds)
+    objective = ContextObjective(evaluator, seeds, load_grammar(), HARMFUL, benign, settings)
+    study.optimize(objective, n_trials=len(seeds))
     return study, {r["context"]: r for r in trial_rows(study)}, evaluator
 
 
@@ -118,6 +119,49 @@ def test_benign_refusal_constraint_is_recorded(tiny_model, tmp_path):
     assert paranoid.system_attrs["constraints:benign_refusal"] == pytest.approx(0.5)  # 1.0 - 0.5
     strong = next(t for t in study.trials if t.user_attrs.get("seed_id") == "strong")
     assert strong.system_attrs["constraints:benign_refusal"] == pytest.approx(-0.5)
+
+
+def test_benign_refusal_is_measured_only_where_it_can_change_the_winner(tiny_model, tmp_path):
+    benign = [Prompt(f"b{i}", "benign", "c", f"benign request {i}") for i in range(32)]
+    # "paranoid" flips as much as "strong" but refuses every benign prompt; the weak contexts
+    # run to completion (no pruning) and can no longer win once "strong" ran.
+    seeds = [SEEDS[2], SEEDS[0], SEEDS[1], SEEDS[3]]
+    study, rows, _ = _search(tiny_model, tmp_path, seeds, benign, p_threshold=0.0)
+    assert rows["weak0"]["benign"] == "measured"  # first: nothing to compare with yet
+    assert rows["weak0"]["benign_refusal_n"] == 32
+    assert rows["strong"]["benign"] == "measured" and rows["strong"]["benign_refusal"] == 0.0
+    assert rows["weak1"]["state"] == "complete" and rows["weak1"]["benign"] == "not needed"
+    assert rows["weak1"]["benign_refusal"] is None and rows["weak1"]["benign_refusal_n"] == 0
+    weak1 = next(t for t in study.trials if t.user_attrs.get("seed_id") == "weak1")
+    assert weak1.user_attrs["teacher_generations"] == len(HARMFUL)
+    assert not weak1.constraints
+    # Ties the best flip rate, so measured, but stopped after one chunk of 2 * prune_every...
+    paranoid = rows["paranoid"]
+    assert paranoid["benign"] == "stopped"
+    assert paranoid["benign_refusal_count"] == paranoid["benign_refusal_n"] < 32
+    # ... and still marked infeasible, so it never outranks "strong".
+    trial = next(t for t in study.trials if t.user_attrs.get("seed_id") == "paranoid")
+    assert trial.constraints["benign_refusal"] == pytest.approx(0.5)
+    assert rank_rows(list(rows.values()), 0.5)[0]["context"] == "strong"
+
+
+def test_screening_runs_the_strongest_seeds_first_at_no_extra_cost(tiny_model, tmp_path):
+    settings = _settings()
+    evaluator = _evaluator(tiny_model, tmp_path)
+    objective = ContextObjective(evaluator, SEEDS, load_grammar(), HARMFUL, BENIGN, settings)
+    order = objective.screen(list(reversed(SEEDS)))
+    assert {c.id for c in order[:2]} == {"strong", "paranoid"}  # they flip every prompt
+    screened = evaluator.generated["teacher"]
+    assert screened == len(SEEDS) * settings.prune_every
+    study, _ = open_study(settings, optuna.storages.InMemoryStorage())
+    enqueue_seeds(study, order)
+    study.optimize(objective, n_trials=len(SEEDS))
+    rows = {r["context"]: r for r in trial_rows(study)}
+    for i in range(4):  # pruned at the first check: the screened chunk, nothing generated
+        assert rows[f"none{i}"]["state"] == "pruned"
+        assert rows[f"none{i}"]["flip_rate_n"] == settings.prune_every
+    nones = [t for t in study.trials if str(t.user_attrs["seed_id"]).startswith("none")]
+    assert all(t.user_attrs["teacher_generations"] == 0 for t in nones)
 
 
 def test_multi_objective_gives_a_pareto_front_without_pruning(tiny_model, tmp_path):
@@ -213,7 +257,10 @@ def test_killed_run_resumes_without_lost_or_duplicated_trials(tiny_model_dir, tm
     while time.time() < deadline:
         time.sleep(0.2)
         if journal.exists():
-            states = [t.state for t in _finished(str(journal))]
+            try:
+                states = [t.state for t in _finished(str(journal))]
+            except KeyError:  # the journal is open, the study not created yet (screening)
+                continue
             if sum(s.is_finished() for s in states) >= 5:
                 break
     process.send_signal(signal.SIGKILL)
@@ -266,6 +313,10 @@ def test_run_api_searches_and_reports_importances(tiny_model_dir, tmp_path):
         "tone",
         "placement",
     }
+    finalists = result.leaderboard.dropna(subset=["holdout_flip_rate"])
+    assert len(finalists) == 3  # top_k: each re-scored on every benign prompt
+    assert (finalists["benign"] == "measured").all()
+    assert (finalists["benign_refusal_n"] == 12).all()
 
 
 def test_two_workers_share_one_postgresql_study(tiny_model_dir, tmp_path, postgres_url):
