@@ -29,8 +29,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: $(STAMP)
-	$(BIN)/ruff check flipsearch tests benchmarks
-	$(BIN)/ruff format --check flipsearch tests benchmarks
+	$(BIN)/ruff check flipsearch tests benchmarks examples
+	$(BIN)/ruff format --check flipsearch tests benchmarks examples
 	$(BIN)/mypy
 
 bench: $(STAMP)

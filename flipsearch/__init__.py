@@ -5,33 +5,46 @@ The public API is what this module exports; everything else is private to its mo
     import flipsearch
     result = flipsearch.flip_rate(model="smollm2-135m", contexts=["Refuse harmful requests."])
     print(result.to_pandas())
+
+    found = flipsearch.search(model="smollm2-135m", trials=30, limit=32, out="runs/s")
+    trained = flipsearch.train(flipsearch.TrainConfig(context=str(found.out / "best_context.yaml")))
+    flipsearch.render_report(found.out)
+
+The inspect_ai integration (tasks, a scorer and a model API) is in ``flipsearch.inspect_tasks``.
 """
 
 from flipsearch.backends import Decoding, Generation, HFGenerator
 from flipsearch.cache import GenerationCache
+from flipsearch.classifier import ClassifierJudge, train_classifier
 from flipsearch.contexts import PLACEMENTS, Context, load_contexts
 from flipsearch.errors import FlipsearchError
 from flipsearch.evaluate import Evaluator, FlipRateResult, StudentBaseline, flip_rate
+from flipsearch.export import export_trl_sdft
 from flipsearch.fliprate import ContextScore, Rate, mcnemar_exact, paired_test, wilson_interval
-from flipsearch.judging import Judge, RefusalJudge, Verdict, get_judge
+from flipsearch.judging import FunctionJudge, Judge, JudgeSpec, RefusalJudge, Verdict, get_judge
+from flipsearch.labelled import LabelledRow, evaluate_judge, load_labelled
 from flipsearch.models import LoadedModel, load_model
-from flipsearch.opsa import TrainConfig, train
+from flipsearch.opsa import TrainConfig, TrainResult, train
 from flipsearch.prompts import Prompt, builtin_prompts, load_prompts, split_harmful
 from flipsearch.report import render_report
-from flipsearch.run import RunConfig, RunResult, run
+from flipsearch.run import RunConfig, RunResult, run, search
 
 __all__ = [
     "PLACEMENTS",
+    "ClassifierJudge",
     "Context",
     "ContextScore",
     "Decoding",
     "Evaluator",
     "FlipRateResult",
     "FlipsearchError",
+    "FunctionJudge",
     "Generation",
     "GenerationCache",
     "HFGenerator",
     "Judge",
+    "JudgeSpec",
+    "LabelledRow",
     "LoadedModel",
     "Prompt",
     "Rate",
@@ -40,18 +53,24 @@ __all__ = [
     "RunResult",
     "StudentBaseline",
     "TrainConfig",
+    "TrainResult",
     "Verdict",
     "builtin_prompts",
+    "evaluate_judge",
+    "export_trl_sdft",
     "flip_rate",
     "get_judge",
     "load_contexts",
+    "load_labelled",
     "load_model",
     "load_prompts",
     "mcnemar_exact",
     "paired_test",
     "render_report",
     "run",
+    "search",
     "split_harmful",
     "train",
+    "train_classifier",
     "wilson_interval",
 ]

@@ -41,7 +41,9 @@ class GenerationCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=60)
+        # Used from one thread at a time, but not always the one that opened it (the inspect
+        # model API generates in a worker thread).
+        self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
         self._db.commit()

@@ -184,7 +184,7 @@ def run(
         from flipsearch.opsa import TrainConfig
         from flipsearch.opsa import train as train_student
 
-        summary = train_student(
+        trained = train_student(
             TrainConfig(
                 context=str(Path(config.out) / "best_context.yaml"),
                 out=str(Path(config.out) / "train"),
@@ -198,7 +198,7 @@ def run(
             resume=True,
             console=err_console,
         )
-        _print_before_after(summary)
+        _print_before_after(trained.summary)
         out_console.print(f"report: {render_report(config.out).resolve()}")
 
 
@@ -306,8 +306,8 @@ def train_command(
 
     options["out"] = str(out)
     options["prompts"] = list(prompts or [])
-    summary = train(TrainConfig(**options), resume=resume, console=err_console)
-    _print_before_after(summary)
+    result = train(TrainConfig(**options), resume=resume, console=err_console)
+    _print_before_after(result.summary)
     out_console.print(f"trained weights: {(out / 'final').resolve()}")
 
 

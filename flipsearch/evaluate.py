@@ -18,7 +18,7 @@ from flipsearch.cache import GenerationCache, generate_cached
 from flipsearch.contexts import Context, Renderer, context_from_arg, load_contexts
 from flipsearch.errors import FlipsearchError
 from flipsearch.fliprate import ContextScore, Judged, PairedOutcome, Rate, compare
-from flipsearch.judging import Judge, get_judge
+from flipsearch.judging import JudgeSpec, get_judge
 from flipsearch.models import LoadedModel, load_model
 from flipsearch.prompts import Prompt, builtin_prompts, load_prompts
 
@@ -29,8 +29,8 @@ class Evaluator:
     def __init__(
         self,
         loaded: LoadedModel,
-        judge: str | Judge = "refusal",
-        refusal_judge: str | Judge = "refusal",
+        judge: JudgeSpec = "refusal",
+        refusal_judge: JudgeSpec = "refusal",
         decoding: Decoding | None = None,
         cache: GenerationCache | None = None,
         batch_size: int = 64,
@@ -193,8 +193,8 @@ def flip_rate(
     model: str | LoadedModel = "smollm2-135m",
     contexts: Sequence[Context | str] | str | Path | None = None,
     prompts: Sequence[Prompt] | str | Path | None = None,
-    judge: str | Judge = "refusal",
-    refusal_judge: str | Judge = "refusal",
+    judge: JudgeSpec = "refusal",
+    refusal_judge: JudgeSpec = "refusal",
     decoding: Decoding | None = None,
     cache: str | Path | GenerationCache | None = None,
     batch_size: int = 64,
@@ -210,8 +210,11 @@ def flip_rate(
             seed library.
         prompts: ``Prompt`` objects or a prompt file; harmful prompts give flip rates, benign
             prompts give benign refusal, reasoning prompts are ignored. Default: shipped sets.
-        judge: the safety judge (name or object with ``judge(pairs) -> list[Verdict]``).
-        refusal_judge: the judge that decides whether a benign answer is a refusal.
+        judge: the safety judge: a name (``refusal``, ``llama-guard``, ``classifier``,
+            ``ensemble:...``), an object with ``judge(pairs) -> list[Verdict]``, or any
+            callable ``(prompt, response) -> bool | Verdict`` (True: unsafe).
+        refusal_judge: the judge that decides whether a benign answer is a refusal (a name,
+            a Judge, or a callable returning True for a refusal).
         decoding: greedy by default; ``Decoding(temperature=0.7, samples=4)`` samples.
         cache: a SQLite file (or ``GenerationCache``) so repeated calls generate nothing twice.
 

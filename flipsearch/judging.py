@@ -8,10 +8,10 @@ made is ``invalid`` and is counted, never read as safe.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from flipsearch._resources import data_path
 from flipsearch.contexts import read_yaml
@@ -143,19 +143,76 @@ class EnsembleJudge:
 JUDGE_NAMES = ("refusal", "llama-guard", "classifier", "classifier:DIR", "ensemble:MODE:A+B")
 
 
+class FunctionJudge:
+    """Any callable ``(prompt, response) -> verdict`` as a judge, for the role it serves.
+
+    The callable returns a ``Verdict``, or a bool (the safety role: True means unsafe; the
+    refusal role: True means a refusal), or None when it cannot tell. None and any other
+    value are counted as ``invalid`` with the reason; an exception stops the run with a
+    message naming the judge, since it is a bug in the judge rather than a verdict.
+    """
+
+    def __init__(
+        self, function: Callable[[str, str], Any], role: str = "safety", name: str | None = None
+    ) -> None:
+        if role not in ("safety", "refusal"):
+            raise FlipsearchError(f"unknown judge role {role!r}; choose safety or refusal")
+        self.function = function
+        self.role = role
+        self.name: str = name or str(getattr(function, "__name__", type(function).__name__))
+        self.roles = (role,)
+
+    def judge(self, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
+        verdicts = []
+        for index, (prompt, response) in enumerate(pairs):
+            try:
+                value = self.function(prompt, response)
+            except Exception as exc:
+                raise FlipsearchError(
+                    f"judge {self.name!r} raised on response {index} ({prompt[:40]!r}...): {exc!r}"
+                ) from exc
+            verdicts.append(self._verdict(value))
+        return verdicts
+
+    def _verdict(self, value: Any) -> Verdict:
+        if isinstance(value, Verdict):
+            return value
+        if isinstance(value, bool):
+            if self.role == "refusal":
+                return Verdict(unsafe=None, score=None, refusal=value)
+            return Verdict(unsafe=value, score=float(value))
+        if value is None:
+            return Verdict.invalid_because(f"judge {self.name!r} could not tell")
+        return Verdict.invalid_because(
+            f"judge {self.name!r} returned {type(value).__name__}, not a Verdict or a bool"
+        )
+
+
+JudgeSpec = str | Judge | Callable[[str, str], Any]
+"""A judge name (see ``get_judge``), a ``Judge`` object, or a ``(prompt, response)`` callable."""
+
+
 def get_judge(
-    spec: str | Judge, role: str = "safety", judge_model: str | None = None, **options: Any
+    spec: JudgeSpec,
+    role: str = "safety",
+    judge_model: str | None = None,
+    **options: Any,
 ) -> Judge:
     """Build a judge from its name for a role (``safety`` or ``refusal``).
 
     Names: ``refusal``; ``llama-guard`` (needs ``judge_model``; safety role only);
     ``classifier`` (trained on the shipped labelled set for the role's label) or
     ``classifier:DIR`` (a directory written by ``flipsearch judge train``);
-    ``ensemble:MODE:A+B+...`` with MODE any, all, majority or mean. A judge object passes
-    through unchanged.
+    ``ensemble:MODE:A+B+...`` with MODE any, all, majority or mean. A judge object (with
+    ``judge(pairs)``) passes through unchanged; any other callable ``(prompt, response)``
+    becomes a ``FunctionJudge`` for the role.
     """
     if not isinstance(spec, str):
-        return spec
+        if hasattr(spec, "judge"):
+            return cast(Judge, spec)
+        if callable(spec):
+            return FunctionJudge(spec, role)
+        raise FlipsearchError(f"a judge is a name, a Judge or a callable, not {spec!r}")
     judge: Judge
     if spec == "refusal":
         judge = RefusalJudge()

@@ -58,13 +58,36 @@ class LoadedModel:
 
     @classmethod
     def from_objects(cls, model: Any, tokenizer: Any, name: str | None = None) -> LoadedModel:
-        """Wrap a model and tokenizer the caller already loaded (no second copy is made)."""
+        """Wrap a transformers model and tokenizer the caller already loaded (no copy is made).
+
+        The fingerprint that keys cached generations covers the config, the chat template, the
+        dtype and device and a sample of the weights, so the same object after a few training
+        steps does not reuse the answers of its earlier self.
+        """
         name = name or str(getattr(model.config, "_name_or_path", "") or type(model).__name__)
+        if getattr(tokenizer, "pad_token", None) is None:
+            tokenizer.pad_token = tokenizer.eos_token
         digest = hashlib.sha256()
         digest.update(name.encode())
         digest.update(model.config.to_json_string(use_diff=False).encode())
         digest.update(str(getattr(tokenizer, "chat_template", "")).encode())
+        digest.update(f"{model.dtype}-{model.device}".encode())
+        digest.update(weights_sample(model))
         return cls(model, tokenizer, name, "obj-" + digest.hexdigest()[:16])
+
+
+def weights_sample(model: Any, per_tensor: int = 64) -> bytes:
+    """A few evenly spaced values of every parameter: cheap, and changed by any training step."""
+    import torch
+
+    parts = []
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            flat = parameter.detach().reshape(-1)
+            step = max(1, flat.numel() // per_tensor)
+            values = flat[::step][:per_tensor].float().cpu().numpy().tobytes()
+            parts.append(name.encode() + values)
+    return b"".join(parts)
 
 
 def cache_root() -> Path:

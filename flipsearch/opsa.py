@@ -458,12 +458,61 @@ class Trainer:
 # Driver: evaluate, train, checkpoint, evaluate again
 
 
+@dataclass
+class TrainResult:
+    """What ``train`` produced: the before/after evaluation and the trained student."""
+
+    out: Path
+    summary: dict[str, Any]  # train_summary.json: before, after, steps, mode, context
+    student: LoadedModel  # the trained weights, in memory (also saved in out/final)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": str(self.out), **self.summary}
+
+    def to_pandas(self) -> Any:
+        """One row per metric, before and after, each rate with its count and 95% interval."""
+        import pandas as pd
+
+        from flipsearch.fliprate import Rate
+
+        rows = []
+        for key in ("unsafe_rate", "benign_refusal", "reasoning_accuracy"):
+            row: dict[str, Any] = {"metric": key}
+            for when in ("before", "after"):
+                measured = self.summary[when][key]
+                rate = Rate.of(measured["successes"], measured["n"])
+                row.update(
+                    {
+                        when: rate.value,
+                        f"{when}_low": rate.low,
+                        f"{when}_high": rate.high,
+                        f"{when}_count": rate.successes,
+                        f"{when}_n": rate.n,
+                    }
+                )
+            rows.append(row)
+        rows.append(
+            {
+                "metric": "benign_kl_from_original",
+                "before": self.summary["before"]["benign_kl_from_original"],
+                "after": self.summary["after"]["benign_kl_from_original"],
+            }
+        )
+        return pd.DataFrame(rows)
+
+    def metrics(self) -> Any:
+        """The per-step training metrics (``metrics.jsonl``) as a DataFrame."""
+        import pandas as pd
+
+        return pd.read_json(self.out / "metrics.jsonl", lines=True)
+
+
 def train(
     config: TrainConfig,
     resume: bool = False,
     loaded: LoadedModel | None = None,
     console: Any = None,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Train with OPSA (or the off-policy baseline) and evaluate before and after.
 
     Writes ``metrics.jsonl`` (one line per step), ``checkpoint/`` (every
@@ -532,7 +581,12 @@ def train(
         )
     summary.update(steps=trainer.step, mode=config.mode, context=trainer.context.to_dict())
     summary_path.write_text(json.dumps(summary, indent=2))
-    return summary
+    trainer.model.eval()
+    # A fresh fingerprint: cached generations of the original weights must not be reused.
+    student = LoadedModel.from_objects(
+        trainer.model, trainer.tokenizer, name=f"{trainer.loaded.name}+{config.mode}"
+    )
+    return TrainResult(out, summary, student)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -11,7 +11,7 @@ import json
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,9 @@ from flipsearch.errors import FlipsearchError
 from flipsearch.evaluate import Evaluator, StudentBaseline
 from flipsearch.fliprate import ContextScore, Judged, compare, paired_test
 from flipsearch.grammar import load_grammar
-from flipsearch.judging import get_judge
+from flipsearch.judging import JudgeSpec, get_judge
 from flipsearch.labelled import read_judge_metrics, rogan_gladen
-from flipsearch.models import load_model
+from flipsearch.models import LoadedModel, load_model
 from flipsearch.prompts import Prompt, builtin_prompts, load_prompts, split_harmful
 from flipsearch.proposer import Proposer
 from flipsearch.scoring import analyse_context
@@ -123,6 +123,33 @@ class RunResult:
     def report_path(self) -> Path:
         return self.out / "report.html"
 
+    def to_pandas(self) -> pd.DataFrame:
+        """The leaderboard: one row per context, best first (``leaderboard.csv``)."""
+        return self.leaderboard
+
+    def to_dict(self) -> dict[str, Any]:
+        """The winner with its search and held-out scores, the student baseline and run facts."""
+        holdout = {s.context.id: s for s in self.holdout}
+        winner = None
+        if self.winner is not None:
+            winner = {
+                **self.winner.context.to_dict(),
+                "search": self.winner.summary(),
+                "holdout": (
+                    holdout[self.winner.context.id].summary()
+                    if self.winner.context.id in holdout
+                    else None
+                ),
+            }
+        return {
+            "out": str(self.out),
+            "winner": winner,
+            "student_unsafe_rate": self.student_search.unsafe_rate.to_dict(),
+            "student_benign_refusal": self.student_search.benign_refusal.to_dict(),
+            "leaderboard": self.leaderboard.to_dict(orient="records"),
+            "info": self.info,
+        }
+
 
 def make_progress(console: Console) -> Progress:
     return Progress(
@@ -157,14 +184,42 @@ def load_run_prompts(config: RunConfig) -> list[Prompt]:
 
 
 def run(
-    config: RunConfig, contexts: Sequence[Context] | None = None, console: Console | None = None
+    config: RunConfig,
+    contexts: Sequence[Context] | None = None,
+    console: Console | None = None,
+    *,
+    seeds: Sequence[Context] | None = None,
+    model: LoadedModel | None = None,
+    judge: JudgeSpec | None = None,
+    refusal_judge: JudgeSpec | None = None,
 ) -> RunResult:
-    """Run the pipeline; ``contexts`` overrides the library (that is ``flipsearch score``)."""
+    """Run the pipeline; ``contexts`` are scored instead of searching (``flipsearch score``).
+
+    ``seeds`` replaces the seed library the search starts from; ``model`` uses an already
+    loaded model instead of loading ``config.model``; ``judge`` and ``refusal_judge`` override
+    the configured judges with objects or callables. What was used is recorded by name in
+    ``config.json``.
+    """
     console = console or Console(stderr=True)
+    config = replace(
+        config,
+        model=model.name if model is not None else config.model,
+        judge=_judge_name(judge) if judge is not None else config.judge,
+        refusal_judge=_judge_name(refusal_judge)
+        if refusal_judge is not None
+        else config.refusal_judge,
+    )
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    candidates = list(contexts) if contexts is not None else load_contexts(config.contexts)
+    if contexts is not None:
+        candidates = list(contexts)
+    elif seeds is not None:
+        candidates = list(seeds)
+    else:
+        candidates = load_contexts(config.contexts)
+    if not candidates:
+        raise FlipsearchError("no contexts to score or search from")
     prompts = load_run_prompts(config)
     harmful = [p for p in prompts if p.kind == "harmful"]
     benign = [p for p in prompts if p.kind == "benign"]
@@ -172,18 +227,33 @@ def run(
         raise FlipsearchError("the prompt sets hold no harmful prompts; flip rates need them")
     search_split, holdout_split = split_harmful(harmful, config.holdout_fraction, config.seed)
     decoding = config.decoding
-    judge = get_judge(config.judge, "safety", config.judge_model)
-    refusal_judge = get_judge(config.refusal_judge, "refusal", config.judge_model)
+    safety_judge = get_judge(
+        judge if judge is not None else config.judge, "safety", config.judge_model
+    )
+    benign_judge = get_judge(
+        refusal_judge if refusal_judge is not None else config.refusal_judge,
+        "refusal",
+        config.judge_model,
+    )
     correction = read_judge_metrics(config.judge_metrics) if config.judge_metrics else None
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
 
-    with console.status(f"loading model {config.model}"):
-        loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+    if model is not None:
+        loaded = model
+    else:
+        with console.status(f"loading model {config.model}"):
+            loaded = load_model(config.model, device=config.device, dtype=config.dtype)
     cache = GenerationCache(out / "generations.sqlite")
     cached_before = len(cache)
     with make_progress(console) as progress:
         evaluator = Evaluator(
-            loaded, judge, refusal_judge, decoding, cache, config.batch_size, progress=progress
+            loaded,
+            safety_judge,
+            benign_judge,
+            decoding,
+            cache,
+            config.batch_size,
+            progress=progress,
         )
         evaluator.prefetch([*search_split, *holdout_split, *benign], None)
         student_search = StudentBaseline(
@@ -255,6 +325,75 @@ def run(
     write_run_files(result, config)
     cache.close()
     return result
+
+
+def _judge_name(judge: JudgeSpec) -> str:
+    if isinstance(judge, str):
+        return judge
+    name = getattr(judge, "name", None) or getattr(judge, "__name__", type(judge).__name__)
+    return f"custom:{name}"
+
+
+def search(
+    model: str | LoadedModel = "smollm2-135m",
+    contexts: Sequence[Context] | str | Path | None = None,
+    prompts: Sequence[str] = (),
+    *,
+    out: str | Path = "runs/search",
+    trials: int = 40,
+    storage: str | None = None,
+    study: str = "flipsearch",
+    judge: JudgeSpec = "refusal",
+    refusal_judge: JudgeSpec = "refusal",
+    console: Console | None = None,
+    **settings: Any,
+) -> RunResult:
+    """Search for the context with the highest teacher flip rate, as ``flipsearch run`` does.
+
+    Args:
+        model: a model name or a ``LoadedModel`` (``LoadedModel.from_objects(model,
+            tokenizer)`` wraps a transformers model you already hold, without a copy).
+        contexts: seed contexts (``Context`` objects, or a directory/file of them); default:
+            the shipped seed library.
+        prompts: prompt files or ``builtin:``/``hf:`` sources; default: the shipped sets.
+        out: the run directory (cache, study journal, leaderboard, report). Calling again with
+            the same ``out`` resumes and generates nothing it already has.
+        trials: study trials; 0 scores every seed context exhaustively instead.
+        storage: any Optuna storage URL (``postgresql://...``) or ``journal:PATH``, for
+            several workers sharing one ``study``; default: a journal file in ``out``.
+        judge, refusal_judge: names, ``Judge`` objects or ``(prompt, response)`` callables.
+        **settings: any other ``RunConfig`` field (``limit``, ``max_new_tokens``,
+            ``max_benign_refusal``, ``top_k``, ``multi_objective``, ``seed``, ...).
+
+    Returns:
+        A ``RunResult``: ``.winner``, ``.to_pandas()`` (the leaderboard with counts and 95%
+        intervals), ``.to_dict()``, and ``.report_path``.
+    """
+    unknown = set(settings) - {f.name for f in fields(RunConfig)}
+    if unknown:
+        raise FlipsearchError(f"unknown search settings: {', '.join(sorted(unknown))}")
+    seeds: list[Context] | None = None
+    if isinstance(contexts, str | Path):
+        settings["contexts"] = str(contexts)
+    elif contexts is not None:
+        seeds = list(contexts)
+    config = RunConfig(
+        out=str(out),
+        model=model if isinstance(model, str) else model.name,
+        prompts=list(prompts),
+        trials=trials,
+        storage=storage,
+        study=study,
+        **settings,
+    )
+    return run(
+        config,
+        console=console,
+        seeds=seeds,
+        model=None if isinstance(model, str) else model,
+        judge=judge,
+        refusal_judge=refusal_judge,
+    )
 
 
 def _search(

@@ -78,7 +78,7 @@ def test_opsa_training_makes_the_embedded_model_refuse_more(tmp_path):
         limit=48,
         checkpoint_every=8,
     )
-    summary = train(config)
+    summary = train(config).summary
     before, after = summary["before"]["unsafe_rate"], summary["after"]["unsafe_rate"]
     assert after["value"] < before["value"], (before, after)
     metrics = (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()
