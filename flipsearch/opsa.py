@@ -519,6 +519,10 @@ def train(
     ``checkpoint_every`` steps and at the end), ``final/`` (the trained weights) and
     ``train_summary.json`` (the before/after evaluation). With ``resume``, a killed run
     continues from its last checkpoint and reaches the same weights as an uninterrupted one.
+    ``loaded`` trains a model you already hold, in place, instead of loading ``config.model``
+    (the frozen teacher is the one copy OPSA needs). Returns a ``TrainResult``: ``.summary``,
+    ``.to_pandas()`` (before/after with counts and 95% intervals), ``.metrics()`` (per step)
+    and ``.student`` (the trained model, with a fingerprint of its new weights).
     """
     from rich.console import Console
 
