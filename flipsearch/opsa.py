@@ -410,11 +410,14 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        """Write into a staging folder, then swap it in: a kill at any moment leaves one whole
+        checkpoint (``checkpoint``, or ``checkpoint.old`` during the swap)."""
+        import shutil
+
         target = self.out / "checkpoint"
         staging = self.out / "checkpoint.tmp"
+        previous = self.out / "checkpoint.old"
         if staging.exists():
-            import shutil
-
             shutil.rmtree(staging)
         self.model.save_pretrained(staging)
         self.tokenizer.save_pretrained(staging)
@@ -429,15 +432,18 @@ class Trainer:
             },
             staging / "trainer_state.pt",
         )
+        if previous.exists():
+            shutil.rmtree(previous)
         if target.exists():
-            import shutil
-
-            shutil.rmtree(target)
+            target.replace(previous)
         staging.replace(target)
+        shutil.rmtree(previous, ignore_errors=True)
         return target
 
     def load_checkpoint(self) -> bool:
         target = self.out / "checkpoint"
+        if not (target / "trainer_state.pt").is_file():
+            target = self.out / "checkpoint.old"  # killed mid-swap: the previous one is whole
         if not (target / "trainer_state.pt").is_file():
             return False
         from safetensors.torch import load_file

@@ -181,27 +181,39 @@ def _weights(path):
     return load_file(str(path / "final" / "model.safetensors"))
 
 
+def _checkpoint_step(out):
+    for folder in ("checkpoint", "checkpoint.old"):  # the second only when killed mid-swap
+        try:
+            return torch.load(out / folder / "trainer_state.pt", weights_only=True)["step"]
+        except (FileNotFoundError, RuntimeError, EOFError):  # absent, or being replaced
+            continue
+    return 0
+
+
 def test_resume_after_a_kill_gives_the_same_weights(tiny_model_dir, tmp_path):
+    steps = 12  # the kill comes after step 1: the other 11 leave it a wide window
     straight = subprocess.run(
-        _train_args(tiny_model_dir, tmp_path / "a", 4), capture_output=True, text=True, timeout=600
+        _train_args(tiny_model_dir, tmp_path / "a", steps),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert straight.returncode == 0, straight.stderr
     out = tmp_path / "b"
     process = subprocess.Popen(
-        _train_args(tiny_model_dir, out, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        _train_args(tiny_model_dir, out, steps),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    state = out / "checkpoint" / "trainer_state.pt"
     deadline = time.time() + 300
-    while time.time() < deadline:
-        time.sleep(0.05)
-        if state.exists() and torch.load(state, weights_only=True)["step"] >= 2:
-            break
+    while time.time() < deadline and _checkpoint_step(out) < 1:
+        time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed_at = torch.load(state, weights_only=True)["step"]
-    assert killed_at < 4, "the run finished before it could be killed"
+    killed_at = _checkpoint_step(out)
+    assert 1 <= killed_at < steps, "the run finished before it could be killed"
     resumed = subprocess.run(
-        [*_train_args(tiny_model_dir, out, 4), "--resume"],
+        [*_train_args(tiny_model_dir, out, steps), "--resume"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -209,7 +221,33 @@ def test_resume_after_a_kill_gives_the_same_weights(tiny_model_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     a, b = _weights(tmp_path / "a"), _weights(out)
     assert all(torch.equal(a[name], b[name]) for name in a)
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))
     summary = json.loads((out / "train_summary.json").read_text())
     assert {"before", "after"} <= set(summary)
+
+
+def test_a_kill_during_the_checkpoint_swap_leaves_the_previous_checkpoint(tiny_model_dir, tmp_path):
+    from flipsearch.opsa import Trainer
+
+    config = TrainConfig(
+        context="Refuse harmful things.",
+        model=str(tiny_model_dir),
+        out=str(tmp_path / "t"),
+        steps=3,
+        batch_size=2,
+        max_new_tokens=3,
+        limit=6,
+        dtype="fp32",
+    )
+    trainer = Trainer(config)
+    trainer.train_step()
+    trainer.save_checkpoint()
+    # The state a kill between "old checkpoint moved aside" and "new one moved in" leaves.
+    (tmp_path / "t" / "checkpoint").replace(tmp_path / "t" / "checkpoint.old")
+    resumed = Trainer(config)
+    assert resumed.load_checkpoint() and resumed.step == 1
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(trainer.model.parameters(), resumed.model.parameters(), strict=True)
+    )
