@@ -65,8 +65,18 @@ class Rate:
             return "n/a (0/0)"
         return (
             f"{self.value:.1%} [{self.low:.1%}, {self.high:.1%}] "
-            f"({_count(self.successes)}/{_count(self.n)})"
+            f"({format_count(self.successes)}/{format_count(self.n)})"
         )
+
+    def columns(self, name: str) -> dict[str, float]:
+        """Flat table columns: ``name``, ``name_low``, ``name_high``, ``name_count``, ``name_n``."""
+        return {
+            name: self.value,
+            f"{name}_low": self.low,
+            f"{name}_high": self.high,
+            f"{name}_count": self.successes,
+            f"{name}_n": self.n,
+        }
 
     def to_dict(self) -> dict[str, float]:
         return {
@@ -78,7 +88,7 @@ class Rate:
         }
 
 
-def _count(x: float) -> str:
+def format_count(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:.1f}"
 
 
@@ -213,16 +223,7 @@ class ContextScore:
     def summary(self) -> dict[str, Any]:
         row: dict[str, Any] = {"context": self.context.id, "split": self.split}
         for name in ("flip_rate", "absolute_flip_rate", "unflip_rate", "benign_refusal"):
-            rate: Rate = getattr(self, name)
-            row.update(
-                {
-                    name: rate.value,
-                    f"{name}_low": rate.low,
-                    f"{name}_high": rate.high,
-                    f"{name}_count": rate.successes,
-                    f"{name}_n": rate.n,
-                }
-            )
+            row.update(getattr(self, name).columns(name))
         row["invalid"] = self.invalid
         return row
 

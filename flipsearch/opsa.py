@@ -486,16 +486,7 @@ class TrainResult:
             row: dict[str, Any] = {"metric": key}
             for when in ("before", "after"):
                 measured = self.summary[when][key]
-                rate = Rate.of(measured["successes"], measured["n"])
-                row.update(
-                    {
-                        when: rate.value,
-                        f"{when}_low": rate.low,
-                        f"{when}_high": rate.high,
-                        f"{when}_count": rate.successes,
-                        f"{when}_n": rate.n,
-                    }
-                )
+                row.update(Rate.of(measured["successes"], measured["n"]).columns(when))
             rows.append(row)
         rows.append(
             {

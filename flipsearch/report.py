@@ -18,7 +18,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from flipsearch._resources import data_path
 from flipsearch.errors import FlipsearchError
-from flipsearch.fliprate import Rate
+from flipsearch.fliprate import Rate, format_count
 
 
 def render_report(run_dir: str | Path, templates: str | Path | None = None) -> Path:
@@ -142,9 +142,7 @@ def _count(value: Any) -> str:
         number = float(value)
     except (TypeError, ValueError):
         return "–"
-    if number != number:
-        return "–"
-    return str(int(number)) if number.is_integer() else f"{number:.1f}"
+    return "–" if number != number else format_count(number)
 
 
 def _rate(data: dict[str, float] | None) -> str:

@@ -510,42 +510,53 @@ def _importances(study: Any) -> dict[str, float]:
 
 def rank_rows(rows: Sequence[dict[str, Any]], max_benign_refusal: float) -> list[dict[str, Any]]:
     """Complete and feasible first, then by flip rate, then by lower benign refusal."""
-
-    def key(row: dict[str, Any]) -> tuple[bool, bool, float, float]:
-        flip = row.get("flip_rate")
-        refusal = row.get("benign_refusal")
-        return (
-            row["state"] != "complete",
-            not _row_feasible(row, max_benign_refusal),
-            -(flip if flip is not None else -1.0),
-            refusal if refusal is not None else 0.0,
-        )
-
-    return sorted(rows, key=key)
-
-
-def _row_feasible(row: dict[str, Any], max_benign_refusal: float) -> bool:
-    refusal = row.get("benign_refusal")
-    return refusal is None or refusal <= max_benign_refusal
+    return sorted(
+        rows,
+        key=lambda row: _rank_key(
+            row["state"] == "complete",
+            row.get("flip_rate"),
+            row.get("benign_refusal"),
+            max_benign_refusal,
+        ),
+    )
 
 
 def rank(scores: Sequence[ContextScore], max_benign_refusal: float) -> list[ContextScore]:
-    """Feasible contexts (benign refusal within the limit) first, then by flip rate."""
+    """``rank_rows`` for fully scored contexts."""
+    return sorted(
+        scores,
+        key=lambda score: _rank_key(
+            True, score.flip_rate.value, _benign_value(score), max_benign_refusal
+        ),
+    )
 
-    def key(score: ContextScore) -> tuple[bool, float, float]:
-        flip = score.flip_rate.value
-        refusal = score.benign_refusal.value if score.benign else 0.0
-        return (
-            not _feasible(score, max_benign_refusal),
-            -(flip if flip == flip else -1.0),
-            refusal,
-        )
 
-    return sorted(scores, key=key)
+def _rank_key(
+    complete: bool, flip: float | None, refusal: float | None, max_benign_refusal: float
+) -> tuple[bool, bool, float, float]:
+    """Unmeasured (None or NaN) flip rates sort last; unmeasured benign refusal is feasible."""
+    return (
+        not complete,
+        not _refusal_feasible(refusal, max_benign_refusal),
+        -(flip if flip is not None and flip == flip else -1.0),
+        refusal if refusal is not None else 0.0,
+    )
+
+
+def _refusal_feasible(refusal: float | None, max_benign_refusal: float) -> bool:
+    return refusal is None or refusal <= max_benign_refusal
+
+
+def _benign_value(score: ContextScore) -> float | None:
+    return score.benign_refusal.value if score.benign else None
+
+
+def _row_feasible(row: dict[str, Any], max_benign_refusal: float) -> bool:
+    return _refusal_feasible(row.get("benign_refusal"), max_benign_refusal)
 
 
 def _feasible(score: ContextScore, max_benign_refusal: float) -> bool:
-    return not score.benign or score.benign_refusal.value <= max_benign_refusal
+    return _refusal_feasible(_benign_value(score), max_benign_refusal)
 
 
 def _pick_winner(

@@ -80,16 +80,11 @@ def _context_fields(context: Context) -> dict[str, Any]:
 
 
 def _partial_row(context: Context, outcomes: dict[str, float], pool: float) -> dict[str, Any]:
-    rate = Rate.of(sum(outcomes.values()), pool)
     row: dict[str, Any] = {
         **_context_fields(context),
         "state": "pruned",
         "outcomes": outcomes,
-        "flip_rate": rate.value,
-        "flip_rate_low": rate.low,
-        "flip_rate_high": rate.high,
-        "flip_rate_count": rate.successes,
-        "flip_rate_n": rate.n,
+        **Rate.of(sum(outcomes.values()), pool).columns("flip_rate"),
     }
     return _json_safe(row)
 

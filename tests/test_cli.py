@@ -7,6 +7,8 @@ import sys
 import pandas as pd
 import pytest
 
+from tests.helpers import tiny_cli_args
+
 
 def flipsearch(*args, env=None):
     return subprocess.run(
@@ -147,16 +149,7 @@ def test_score_writes_run_files_for_given_contexts(tiny_model_dir, tmp_path):
         "Always help.",
         "--placement",
         "user_suffix",
-        "--model",
-        tiny_model_dir,
-        "--limit",
-        "4",
-        "--max-new-tokens",
-        "4",
-        "--dtype",
-        "fp32",
-        "--out",
-        out,
+        *tiny_cli_args(tiny_model_dir, out),
     )
     assert result.returncode == 0, result.stderr
     leaderboard = pd.read_csv(out / "leaderboard.csv")

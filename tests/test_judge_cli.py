@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 
+from tests.helpers import tiny_cli_args
 from tests.test_cli import _assert_user_error, flipsearch
 
 
@@ -58,22 +59,13 @@ def test_run_with_llama_guard_end_to_end(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     result = flipsearch(
         "run",
-        "--model",
-        tiny_model_dir,
         "--judge",
         "llama-guard",
         "--judge-model",
         tiny_model_dir,
         "--trials",
         "0",
-        "--limit",
-        "4",
-        "--max-new-tokens",
-        "4",
-        "--dtype",
-        "fp32",
-        "--out",
-        out,
+        *tiny_cli_args(tiny_model_dir, out),
     )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
@@ -89,20 +81,11 @@ def test_run_with_judge_metrics_adds_corrected_rates(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     result = flipsearch(
         "run",
-        "--model",
-        tiny_model_dir,
         "--judge-metrics",
         metrics,
         "--trials",
         "0",
-        "--limit",
-        "4",
-        "--max-new-tokens",
-        "4",
-        "--dtype",
-        "fp32",
-        "--out",
-        out,
+        *tiny_cli_args(tiny_model_dir, out),
     )
     assert result.returncode == 0, result.stderr
     frame = pd.read_csv(out / "leaderboard.csv")

@@ -22,6 +22,7 @@ from flipsearch.search import (
     open_study,
     trial_rows,
 )
+from tests.helpers import tiny_cli_args
 
 
 class ScriptedModel:
@@ -176,20 +177,7 @@ def _cli(*args):
 
 
 def _tiny_run_args(tiny_model_dir, out, *extra):
-    return [
-        "run",
-        "--model",
-        tiny_model_dir,
-        "--limit",
-        "12",
-        "--max-new-tokens",
-        "4",
-        "--dtype",
-        "fp32",
-        "--out",
-        out,
-        *extra,
-    ]
+    return ["run", *tiny_cli_args(tiny_model_dir, out, limit=12), *extra]
 
 
 def _finished(storage_url: str, study: str = "flipsearch"):
