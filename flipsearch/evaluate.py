@@ -47,35 +47,39 @@ class Evaluator:
         self.renderer = Renderer(loaded.tokenizer, self.decoding.max_new_tokens, max_length)
         self.progress = progress
         self.generated = {"student": 0, "teacher": 0}  # prompts actually generated (not cached)
-        self._memo: dict[tuple[str | None, str, tuple[str, ...]], list[Judged]] = {}
+        # One judged prompt per (context, role, prompt): a prompt judged in a search chunk is
+        # not judged again when its context is scored on the whole split.
+        self._memo: dict[tuple[str | None, str, str, str], Judged] = {}
 
     def judged(self, prompts: Sequence[Prompt], context: Context | None, role: str) -> list[Judged]:
         """Responses to ``prompts`` (with ``context``, or as the student) and their verdicts."""
-        key = (
-            None if context is None else f"{context.placement}\n{context.text}",
-            role,
-            tuple(p.id for p in prompts),
+        condition = None if context is None else f"{context.placement}\n{context.text}"
+        keys = [(condition, role, p.id, p.text) for p in prompts]
+        missing = list(
+            {k: p for k, p in zip(keys, prompts, strict=True) if k not in self._memo}.items()
         )
-        if key in self._memo:
-            return self._memo[key]
-        rendered = self.renderer.render_all([p.text for p in prompts], context)
-        responses = self._generate(rendered, context, f"{role} prompts")
-        judge = self.judge if role == "safety" else self.refusal_judge
-        pairs = [
-            (p.text, g.text) for p, samples in zip(prompts, responses, strict=True) for g in samples
-        ]
-        verdicts = judge.judge(pairs)
-        if len(verdicts) != len(pairs):
-            raise FlipsearchError(
-                f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(pairs)} responses"
-            )
-        n = self.decoding.samples
-        result = [
-            Judged(p, r, list(samples), verdicts[i * n : (i + 1) * n])
-            for i, (p, r, samples) in enumerate(zip(prompts, rendered, responses, strict=True))
-        ]
-        self._memo[key] = result
-        return result
+        if missing:
+            todo = [p for _, p in missing]
+            rendered = self.renderer.render_all([p.text for p in todo], context)
+            responses = self._generate(rendered, context, f"{role} prompts")
+            judge = self.judge if role == "safety" else self.refusal_judge
+            pairs = [
+                (p.text, g.text)
+                for p, samples in zip(todo, responses, strict=True)
+                for g in samples
+            ]
+            verdicts = judge.judge(pairs)
+            if len(verdicts) != len(pairs):
+                raise FlipsearchError(
+                    f"judge {judge.name!r} returned {len(verdicts)} verdicts for "
+                    f"{len(pairs)} responses"
+                )
+            n = self.decoding.samples
+            for i, ((key, prompt), text, samples) in enumerate(
+                zip(missing, rendered, responses, strict=True)
+            ):
+                self._memo[key] = Judged(prompt, text, list(samples), verdicts[i * n : (i + 1) * n])
+        return [self._memo[key] for key in keys]
 
     def prefetch(self, prompts: Sequence[Prompt], context: Context | None) -> None:
         """Generate every uncached response for ``prompts`` in one pass (fuller batches)."""

@@ -44,3 +44,22 @@ def test_flip_rate_on_loaded_objects(tiny_model, tmp_path):
 def test_flip_rate_docstring_is_useful():
     doc = flipsearch.flip_rate.__doc__
     assert "teacher flip rate" in doc and "Returns" in doc
+
+
+def test_a_prompt_is_judged_once_per_context_however_it_is_grouped(tiny_model):
+    class CountingJudge(LengthJudge):
+        def __init__(self):
+            self.seen = []
+
+        def judge(self, pairs):
+            self.seen.extend(pairs)
+            return super().judge(pairs)
+
+    judge = CountingJudge()
+    evaluator = flipsearch.Evaluator(tiny_model, judge, decoding=Decoding(max_new_tokens=3))
+    prompts = [Prompt(f"h{i}", "harmful", "c", f"harmful request number {i}") for i in range(6)]
+    context = Context("sys", "Refuse harm.", "system")
+    chunks = [evaluator.judged(prompts[i : i + 2], context, "safety") for i in (0, 2, 4)]
+    whole = evaluator.judged(prompts, context, "safety")
+    assert [j for chunk in chunks for j in chunk] == whole
+    assert len(judge.seen) == len(prompts)  # the whole split reused the chunks' verdicts
