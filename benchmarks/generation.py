@@ -1,26 +1,122 @@
-"""Tokens/s of the hf backend: batched vs one prompt at a time, measured in the same run.
+"""Tokens/s of the three backends on the same teacher prompts, measured in one run.
 
     python benchmarks/generation.py [--model smollm2-135m] [--prompts 64] [--max-new-tokens 48]
+                                    [--vllm-python .venv-vllm/bin/python]
 
-Prints one row per batch size and the speed-up over batch size 1. Uses teacher prompts (a seed
-context with each harmful prompt), as the search does; the cache is not involved.
+Rows:
+- ``hf`` at several batch sizes; the speed-up is over batch size 1.
+- ``vllm`` (offline engine, in the vLLM environment) with prefix caching on and off, and
+  ``openai`` (vLLM's OpenAI-compatible server on 127.0.0.1, 64 requests in flight); their ratio
+  is over ``hf`` at the largest batch size.
+- Teacher scoring (log-probabilities of given answers under the teacher prompt): ``hf`` one
+  forward pass per answer, ``vllm`` with and without the prefix cache, ``openai`` through
+  ``echo``; the ratio is over ``hf``.
+
+Every row uses the same rendered teacher prompts (the longest system-message seed context with
+each harmful prompt, so the prompts share a prefix), greedy decoding, and the same dtype (bf16
+where the CPU has it natively). Scoring rows score the answers ``hf`` generated. The generation
+cache is not involved. Without a vLLM environment only the ``hf`` rows are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
-from flipsearch import Decoding, HFGenerator, load_contexts, load_model, load_prompts
+from flipsearch import BackendSpec, Decoding, HFGenerator, load_contexts, load_model, load_prompts
+from flipsearch.backends import HFScorer
 from flipsearch.contexts import Renderer
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def measure(generator: HFGenerator, prompts: list[str], decoding: Decoding) -> tuple[float, int]:
+
+def measure(generator: Any, prompts: list[str], decoding: Decoding) -> tuple[float, int, list]:
+    """Seconds, tokens generated, and the first answer's token ids per prompt (prompt order)."""
     start = time.perf_counter()
     tokens = 0
-    for _, batch in generator.generate_batches(prompts, decoding):
+    answers: dict[int, tuple[int, ...]] = {}
+    for indices, batch in generator.generate_batches(prompts, decoding):
         tokens += sum(len(g.token_ids) for samples in batch for g in samples)
-    return time.perf_counter() - start, tokens
+        answers.update((i, samples[0].token_ids) for i, samples in zip(indices, batch, strict=True))
+    return time.perf_counter() - start, tokens, [answers[i] for i in range(len(prompts))]
+
+
+def measure_scoring(scorer: Any, requests: list[tuple[str, list[int]]]) -> tuple[float, int]:
+    start = time.perf_counter()
+    scored = scorer.token_logprobs(requests)
+    return time.perf_counter() - start, sum(len(row) for row in scored)
+
+
+def teacher_prompts(model: str, dtype: str, count: int, max_new: int) -> tuple[Any, list[str]]:
+    loaded = load_model(model, dtype=dtype)
+    system = [c for c in load_contexts() if c.placement == "system"]
+    context = max(system, key=lambda c: len(loaded.tokenizer(c.text)["input_ids"]))
+    renderer = Renderer(loaded.tokenizer, max_new)
+    harmful = load_prompts("builtin:harmful")[:count]
+    return loaded, renderer.render_all([p.text for p in harmful], context)
+
+
+def vllm_worker(work: Path) -> None:
+    """Runs in the vLLM environment: generation and scoring, prefix caching on and off."""
+    from flipsearch.vllm_backend import VLLMGenerator
+
+    task = json.loads(work.read_text())
+    loaded = load_model(task["model"], dtype=task["dtype"], weights=False)
+    decoding = Decoding(max_new_tokens=task["max_new_tokens"])
+    requests = [(p, a) for p, a in zip(task["prompts"], task["answers"], strict=True) if a]
+    rows = []
+    for caching in (True, False):
+        generator = VLLMGenerator(loaded, {"enable_prefix_caching": caching}, chunk=10_000)
+        measure(generator, task["prompts"][:8], Decoding(max_new_tokens=4))  # warm-up
+        seconds, tokens, _ = measure(generator, task["prompts"], decoding)
+        rows.append(
+            ("generate", f"vllm, prefix cache {'on' if caching else 'off'}", seconds, tokens)
+        )
+        measure_scoring(generator, requests[:4])  # warm-up
+        seconds, tokens = measure_scoring(generator, requests)
+        rows.append(("score", f"vllm, prefix cache {'on' if caching else 'off'}", seconds, tokens))
+    work.write_text(json.dumps(rows))
+
+
+def start_server(python: Path, model_dir: str, dtype: str) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+        "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", dtype, "--enforce-eager",
+    ]  # fmt: skip
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    import httpx
+
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(600):
+        if process.poll() is not None:
+            raise SystemExit("the vLLM server exited while starting")
+        try:
+            if httpx.get(f"{url}/models", timeout=5).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise SystemExit("the vLLM server did not start in 10 minutes")
 
 
 def main() -> None:
@@ -30,33 +126,103 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-sizes", default="1,8,32,64")
+    parser.add_argument("--vllm-python", type=Path, default=ROOT / ".venv-vllm" / "bin" / "python")
+    parser.add_argument("--vllm-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.vllm_worker:
+        vllm_worker(args.vllm_worker)
+        return
 
-    loaded = load_model(args.model, dtype=args.dtype)
-    context = load_contexts()[0]
-    renderer = Renderer(loaded.tokenizer, args.max_new_tokens)
-    harmful = load_prompts("builtin:harmful")[: args.prompts]
-    rendered = renderer.render_all([p.text for p in harmful], context)
+    loaded, rendered = teacher_prompts(args.model, args.dtype, args.prompts, args.max_new_tokens)
     decoding = Decoding(max_new_tokens=args.max_new_tokens)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    # Batch size 1 on every prompt takes minutes; it runs on a subset and is scaled by tokens/s.
     print(
-        f"model {args.model} ({str(loaded.model.dtype).removeprefix('torch.')}), "
-        f"{len(rendered)} teacher prompts, {args.max_new_tokens} new tokens, greedy"
+        f"model {args.model} ({loaded.dtype}), {len(rendered)} teacher prompts, "
+        f"{args.max_new_tokens} new tokens, greedy"
     )
     measure(HFGenerator(loaded, batch_size=8), rendered[:8], Decoding(max_new_tokens=4))  # warm-up
-    print(f"{'batch':>6} {'prompts':>8} {'tokens':>8} {'seconds':>8} {'tok/s':>8} {'speed-up':>9}")
-    baseline = None
-    for size in sizes:
-        subset = rendered[: max(size, 16)] if size == 1 else rendered
-        seconds, tokens = measure(HFGenerator(loaded, batch_size=size), subset, decoding)
+    print(
+        f"{'what':<9} {'backend':<36} {'prompts':>7} {'tokens':>7} {'s':>7} "
+        f"{'tok/s':>8} {'ratio':>7}"
+    )
+
+    def row(what: str, backend: str, prompts: int, seconds: float, tokens: int, base: float):
         rate = tokens / seconds
-        baseline = baseline or rate
         print(
-            f"{size:>6} {len(subset):>8} {tokens:>8} {seconds:>8.1f} {rate:>8.1f} "
-            f"{rate / baseline:>8.2f}x"
+            f"{what:<9} {backend:<36} {prompts:>7} {tokens:>7} {seconds:>7.1f} {rate:>8.1f} "
+            f"{rate / base:>6.2f}x"
         )
+        return rate
+
+    one = None
+    answers: list = []
+    for size in sizes:
+        # Batch size 1 on every prompt takes minutes; it runs on a subset (rates compare).
+        subset = rendered[: max(size, 16)] if size == 1 else rendered
+        seconds, tokens, got = measure(HFGenerator(loaded, batch_size=size), subset, decoding)
+        rate = tokens / seconds
+        one = one or rate
+        hf_rate = row("generate", f"hf, batch {size}", len(subset), seconds, tokens, one)
+        if len(got) == len(rendered):
+            answers = got
+    requests = [(p, list(a)) for p, a in zip(rendered, answers, strict=True) if a]
+    seconds, tokens = measure_scoring(HFScorer(loaded), requests)
+    hf_score = row("score", "hf, one pass per answer", len(requests), seconds, tokens, 1.0)
+
+    if not args.vllm_python.exists():
+        print(f"(no vLLM environment at {args.vllm_python}: run `make vllm-env` for its rows)")
+        return
+    model_dir = str(loaded.path)
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch) / "work.json"
+        work.write_text(
+            json.dumps(
+                {
+                    "model": model_dir,
+                    "dtype": loaded.dtype,
+                    "max_new_tokens": args.max_new_tokens,
+                    "prompts": rendered,
+                    "answers": [list(a) for a in answers],
+                }
+            )
+        )
+        subprocess.run(
+            [str(args.vllm_python), __file__, "--vllm-worker", str(work)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for what, backend, seconds, tokens in json.loads(work.read_text()):
+            count = len(rendered) if what == "generate" else len(requests)
+            base = hf_rate if what == "generate" else hf_score
+            row(what, backend, count, seconds, tokens, base)
+
+    from flipsearch.openai_backend import OpenAIGenerator
+
+    process, url = start_server(args.vllm_python, model_dir, loaded.dtype or "auto")
+    try:
+        light = load_model(args.model, dtype=args.dtype, weights=False)
+        spec = BackendSpec("openai", (url,), "bench", max_in_flight=64)
+        client = OpenAIGenerator(spec, light, chunk=10_000)
+        client.check()
+        measure(client, rendered[:8], Decoding(max_new_tokens=4))  # warm-up
+        seconds, tokens, _ = measure(client, rendered, decoding)
+        row(
+            "generate",
+            "openai (vLLM server), 64 in flight",
+            len(rendered),
+            seconds,
+            tokens,
+            hf_rate,
+        )
+        seconds, tokens = measure_scoring(client, requests)
+        row("score", "openai (vLLM server), echo", len(requests), seconds, tokens, hf_score)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(60)
+    print(f"ratios: hf rows against hf batch 1; other rows against hf batch {sizes[-1]}, and")
+    print("scoring rows against hf scoring.")
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # vLLM's engine spawns processes: scripts need this guard
+    sys.exit(main())

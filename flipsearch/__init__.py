@@ -13,7 +13,7 @@ The public API is what this module exports; everything else is private to its mo
 The inspect_ai integration (tasks, a scorer and a model API) is in ``flipsearch.inspect_tasks``.
 """
 
-from flipsearch.backends import Decoding, Generation, HFGenerator
+from flipsearch.backends import BackendSpec, Decoding, Generation, HFGenerator, make_backend
 from flipsearch.cache import GenerationCache
 from flipsearch.classifier import ClassifierJudge, train_classifier
 from flipsearch.contexts import PLACEMENTS, Context, load_contexts
@@ -31,6 +31,7 @@ from flipsearch.run import RunConfig, RunResult, run, search
 
 __all__ = [
     "PLACEMENTS",
+    "BackendSpec",
     "ClassifierJudge",
     "Context",
     "ContextScore",
@@ -64,6 +65,7 @@ __all__ = [
     "load_labelled",
     "load_model",
     "load_prompts",
+    "make_backend",
     "mcnemar_exact",
     "paired_test",
     "render_report",

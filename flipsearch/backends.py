@@ -1,14 +1,20 @@
-"""Generation backends. ``hf`` (transformers) is the embedded default.
+"""Generation backends: ``hf`` (transformers, the embedded default), ``vllm``, ``openai``.
 
 A generator turns rendered chat prompts into completions, in batches, ``samples`` per prompt.
 Results come back batch by batch so the caller can store each batch as soon as it exists: a
-killed run loses at most the batch it was in.
+killed run loses at most the batch it was in. A scorer returns the log-probability of each token
+of a given continuation after a given prompt (teacher scoring).
+
+Every backend receives the prompt flipsearch rendered with the model's own chat template (the
+``openai`` backend's ``chat`` endpoint excepted), so what the model sees is byte-identical
+across backends; only the numerics differ, which is why the backend is part of the cache key.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from flipsearch.errors import FlipsearchError
@@ -58,7 +64,7 @@ class Generation:
 
 
 class Generator(Protocol):
-    """Anything that generates: the ``hf`` backend here; ``vllm`` and ``openai`` later."""
+    """Anything that generates: ``HFGenerator``, ``VLLMGenerator``, ``OpenAIGenerator``."""
 
     fingerprint: str
 
@@ -69,10 +75,109 @@ class Generator(Protocol):
         ...
 
 
+class Scorer(Protocol):
+    """Per-token log-probabilities of given continuations (teacher scoring)."""
+
+    def token_logprobs(self, requests: Sequence[tuple[str, Sequence[int]]]) -> list[list[float]]:
+        """For each (rendered prompt, continuation token ids): log p of every continuation
+        token given the prompt and the tokens before it."""
+        ...
+
+
+BACKENDS = ("hf", "vllm", "openai")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Which backend generates, and how to reach it. The API key is read from the environment
+    variable named here when requests are made; it is never stored."""
+
+    name: str = "hf"
+    base_urls: tuple[str, ...] = ()  # openai: one or more servers, used round-robin
+    served_model: str | None = None  # openai: the model name the server knows (default: model)
+    api_key_env: str = "OPENAI_API_KEY"
+    endpoint: str = "completions"  # openai: completions (rendered prompt) or chat (messages)
+    max_in_flight: int = 32
+    request_timeout: float = 300.0
+    retries: int = 4
+    engine_args: dict[str, Any] = field(default_factory=dict)  # vllm: extra LLM(...) arguments
+
+    def __post_init__(self) -> None:
+        if self.name not in BACKENDS:
+            raise FlipsearchError(
+                f"unknown backend {self.name!r}; choose one of {', '.join(BACKENDS)}"
+            )
+        if self.endpoint not in ("completions", "chat"):
+            raise FlipsearchError(
+                f"unknown openai endpoint {self.endpoint!r}; choose completions or chat"
+            )
+        if self.name == "openai" and not self.base_urls:
+            raise FlipsearchError(
+                "the openai backend needs a server: --base-url http://HOST:PORT/v1 (repeatable)"
+            )
+        if self.name != "openai" and self.base_urls:
+            raise FlipsearchError("--base-url is for --backend openai")
+        if self.max_in_flight < 1 or self.retries < 0 or self.request_timeout <= 0:
+            raise FlipsearchError(
+                "max_in_flight must be >= 1, retries >= 0 and request_timeout > 0"
+            )
+
+    @property
+    def needs_weights(self) -> bool:
+        """Only ``hf`` runs the model in this process; the others need just its tokenizer."""
+        return self.name == "hf"
+
+
+def make_backend(
+    spec: BackendSpec, loaded: LoadedModel, batch_size: int = 64
+) -> tuple[Generator, Scorer]:
+    """The generator and scorer of ``spec`` for ``loaded`` (weights, or only its tokenizer)."""
+    if spec.name == "hf":
+        return HFGenerator(loaded, batch_size), HFScorer(loaded)
+    if spec.name == "vllm":
+        from flipsearch.vllm_backend import VLLMGenerator
+
+        vllm_generator = VLLMGenerator(loaded, spec.engine_args, chunk=max(batch_size, 64))
+        return vllm_generator, vllm_generator
+    from flipsearch.openai_backend import OpenAIGenerator
+
+    openai_generator = OpenAIGenerator(spec, loaded, chunk=max(batch_size, 64))
+    openai_generator.check()
+    return openai_generator, openai_generator
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> set[int]:
+    """The ids that end a response: the generation config's EOS ids and the tokenizer's."""
+    ids = getattr(generation_config, "eos_token_id", None) if generation_config else None
+    stop = set(ids if isinstance(ids, list) else [ids]) if ids is not None else set()
+    if tokenizer.eos_token_id is not None:
+        stop.add(tokenizer.eos_token_id)
+    return stop
+
+
+def finish(tokenizer: Any, ids: Sequence[int], stop_ids: set[int]) -> Generation:
+    """A response cut before its first stop token, decoded the same way for every backend."""
+    cut = next((i for i, token in enumerate(ids) if token in stop_ids), None)
+    kept = list(ids if cut is None else ids[:cut])
+    text = tokenizer.decode(kept, skip_special_tokens=True)
+    return Generation(text.strip(), tuple(kept), "length" if cut is None else "stop")
+
+
+def request_seed(seed: int, prompt: str) -> int:
+    """A per-prompt sampling seed: a response does not depend on what it was batched with."""
+    digest = hashlib.sha256(f"{seed}\n{prompt}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
 class HFGenerator:
     """Batched generation with transformers: prompts sorted by length, left padding, seeded."""
 
     def __init__(self, loaded: LoadedModel, batch_size: int = 32) -> None:
+        if loaded.model is None:
+            raise FlipsearchError(
+                f"the hf backend runs the model in this process, but {loaded.name!r} was "
+                "loaded without its weights"
+            )
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.fingerprint = loaded.fingerprint
@@ -127,15 +232,26 @@ class HFGenerator:
             yield indices, results
 
     def _finish(self, ids: list[int]) -> Generation:
-        stop_ids = self._stop_ids()
-        cut = next((i for i, token in enumerate(ids) if token in stop_ids), None)
-        kept = ids if cut is None else ids[:cut]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        return Generation(text.strip(), tuple(kept), "length" if cut is None else "stop")
+        return finish(
+            self.tokenizer, ids, stop_token_ids(self.tokenizer, self.model.generation_config)
+        )
 
-    def _stop_ids(self) -> set[int]:
-        ids = self.model.generation_config.eos_token_id
-        stop = set(ids if isinstance(ids, list) else [ids]) if ids is not None else set()
-        if self.tokenizer.eos_token_id is not None:
-            stop.add(self.tokenizer.eos_token_id)
-        return stop
+
+class HFScorer:
+    """Teacher scoring with transformers, one forward pass per (prompt, continuation)."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+
+    def token_logprobs(self, requests: Sequence[tuple[str, Sequence[int]]]) -> list[list[float]]:
+        import torch
+
+        from flipsearch.scoring import response_logits
+
+        results = []
+        for prompt, continuation in requests:
+            ids = self.loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            logprobs = torch.log_softmax(response_logits(self.loaded, ids, continuation), -1)
+            index = torch.tensor(list(continuation), device=logprobs.device).unsqueeze(-1)
+            results.append(logprobs.gather(-1, index).squeeze(-1).tolist())
+        return results

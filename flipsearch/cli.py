@@ -87,11 +87,62 @@ MaxBenign = Annotated[
 BatchSize = Annotated[int, typer.Option(min=1, help="Sequences generated per batch.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
 Dtype = Annotated[str, typer.Option(help="auto (bf16 where native), bf16, fp16 or fp32.")]
+Backend = Annotated[
+    str,
+    typer.Option(
+        help="Where generation runs: hf (transformers here), vllm (vLLM's engine here) or "
+        "openai (OpenAI-compatible servers at --base-url).",
+        rich_help_panel="Backend",
+    ),
+]
+BaseUrl = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--base-url",
+        help="An OpenAI-compatible server, e.g. http://HOST:8000/v1; repeat for round-robin.",
+        rich_help_panel="Backend",
+    ),
+]
+ServedModel = Annotated[
+    str | None,
+    typer.Option(
+        help="The server's name for the model (default: --model). --model still names the "
+        "local tokenizer and chat template.",
+        rich_help_panel="Backend",
+    ),
+]
+ApiKeyEnv = Annotated[
+    str,
+    typer.Option(
+        help="Environment variable holding the API key (read, never stored).",
+        rich_help_panel="Backend",
+    ),
+]
+OpenAIEndpoint = Annotated[
+    str,
+    typer.Option(
+        help="completions (flipsearch renders the chat template) or chat (the server does).",
+        rich_help_panel="Backend",
+    ),
+]
+MaxInFlight = Annotated[
+    int, typer.Option(min=1, help="Requests in flight at once.", rich_help_panel="Backend")
+]
+RequestTimeout = Annotated[
+    float, typer.Option(min=1, help="Seconds per request.", rich_help_panel="Backend")
+]
+RequestRetries = Annotated[
+    int,
+    typer.Option(
+        min=0, help="Retries on 429/5xx/timeouts, with backoff.", rich_help_panel="Backend"
+    ),
+]
 
 
 def _config(**options: Any) -> RunConfig:
     options["out"] = str(options["out"])
     options["prompts"] = list(options.get("prompts") or [])
+    options["base_url"] = list(options.get("base_url") or [])
     return RunConfig(**options)
 
 
@@ -117,6 +168,14 @@ def run(
     batch_size: BatchSize = 64,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    backend: Backend = "hf",
+    base_url: BaseUrl = None,
+    served_model: ServedModel = None,
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
+    openai_endpoint: OpenAIEndpoint = "completions",
+    max_in_flight: MaxInFlight = 32,
+    request_timeout: RequestTimeout = 300.0,
+    request_retries: RequestRetries = 4,
     trials: Annotated[
         int,
         typer.Option(
@@ -232,6 +291,14 @@ def score(
     batch_size: BatchSize = 64,
     device: Device = "auto",
     dtype: Dtype = "auto",
+    backend: Backend = "hf",
+    base_url: BaseUrl = None,
+    served_model: ServedModel = None,
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
+    openai_endpoint: OpenAIEndpoint = "completions",
+    max_in_flight: MaxInFlight = 32,
+    request_timeout: RequestTimeout = 300.0,
+    request_retries: RequestRetries = 4,
 ) -> None:
     """Score the given contexts only; writes the same run files as ``run``."""
     candidates = [context_from_arg(value, placement) for value in context]

@@ -175,10 +175,18 @@ def build_messages(prompt: str, context: Context | None) -> list[dict[str, str]]
 class Renderer:
     """Renders chats through a tokenizer's chat template and checks they fit."""
 
-    def __init__(self, tokenizer: Any, max_new_tokens: int, max_length: int | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_new_tokens: int,
+        max_length: int | None = None,
+        chats: dict[str, list[dict[str, str]]] | None = None,
+    ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise FlipsearchError("the model's tokenizer has no chat template; use a chat model")
         self.tokenizer = tokenizer
+        # Rendered prompt -> its messages, for a backend that sends messages (openai chat).
+        self.chats = chats
         limit = max_length or _model_max_length(tokenizer)
         self.max_prompt_tokens = limit - max_new_tokens
 
@@ -199,6 +207,8 @@ class Renderer:
                 f"{who}: rendered prompt is {length} tokens, over the {self.max_prompt_tokens} "
                 "that fit beside the response (contexts are never truncated)"
             )
+        if self.chats is not None:
+            self.chats[text] = messages
         return text
 
     def render_all(self, prompts: Sequence[str], context: Context | None = None) -> list[str]:

@@ -13,7 +13,14 @@ from typing import Any
 
 import pandas as pd
 
-from flipsearch.backends import Decoding, Generation, Generator, HFGenerator
+from flipsearch.backends import (
+    BackendSpec,
+    Decoding,
+    Generation,
+    Generator,
+    HFGenerator,
+    make_backend,
+)
 from flipsearch.cache import GenerationCache, generate_cached
 from flipsearch.contexts import Context, Renderer, context_from_arg, load_contexts
 from flipsearch.errors import FlipsearchError
@@ -43,8 +50,12 @@ class Evaluator:
         self.decoding = decoding or Decoding()
         self.cache = cache
         self.generator = generator or HFGenerator(loaded, batch_size=batch_size)
-        max_length = getattr(loaded.model.config, "max_position_embeddings", None)
-        self.renderer = Renderer(loaded.tokenizer, self.decoding.max_new_tokens, max_length)
+        self.renderer = Renderer(
+            loaded.tokenizer,
+            self.decoding.max_new_tokens,
+            loaded.max_length,
+            getattr(self.generator, "chats", None),
+        )
         self.progress = progress
         self.generated = {"student": 0, "teacher": 0}  # prompts actually generated (not cached)
         # One judged prompt per (context, role, prompt): a prompt judged in a search chunk is
@@ -202,6 +213,7 @@ def flip_rate(
     decoding: Decoding | None = None,
     cache: str | Path | GenerationCache | None = None,
     batch_size: int = 64,
+    backend: BackendSpec | str = "hf",
 ) -> FlipRateResult:
     """Measure the teacher flip rate of each context on a model's own unsafe answers.
 
@@ -221,12 +233,16 @@ def flip_rate(
             a Judge, or a callable returning True for a refusal).
         decoding: greedy by default; ``Decoding(temperature=0.7, samples=4)`` samples.
         cache: a SQLite file (or ``GenerationCache``) so repeated calls generate nothing twice.
+        backend: ``"hf"`` (default), ``"vllm"``, or a ``BackendSpec`` (e.g.
+            ``BackendSpec("openai", base_urls=("http://host:8000/v1",))``).
 
     Returns:
         A ``FlipRateResult``: ``.to_pandas()`` gives flip rate, absolute flip rate, unflip rate
         and benign refusal per context, each with its count and 95% Wilson interval.
     """
-    loaded = load_model(model) if isinstance(model, str) else model
+    spec = BackendSpec(backend) if isinstance(backend, str) else backend
+    loaded = load_model(model, weights=spec.needs_weights) if isinstance(model, str) else model
+    generator, _ = make_backend(spec, loaded, batch_size)
     if isinstance(prompts, str | Path):
         prompt_list = load_prompts(prompts)
     else:
@@ -246,7 +262,9 @@ def flip_rate(
     if not harmful:
         raise FlipsearchError("flip rates need harmful prompts; the prompt set has none")
     store = GenerationCache(cache) if isinstance(cache, str | Path) else cache
-    evaluator = Evaluator(loaded, judge, refusal_judge, decoding, store, batch_size)
+    evaluator = Evaluator(
+        loaded, judge, refusal_judge, decoding, store, batch_size, generator=generator
+    )
     student = StudentBaseline(
         evaluator.judged(harmful, None, "safety"),
         evaluator.judged(benign, None, "refusal") if benign else [],

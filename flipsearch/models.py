@@ -51,10 +51,26 @@ EMBEDDED_MODELS = {
 class LoadedModel:
     """Weights, tokenizer and a fingerprint that keys every cached generation."""
 
-    model: Any
+    model: Any  # None when only the tokenizer was loaded (the vllm and openai backends)
     tokenizer: Any
     name: str
     fingerprint: str
+    path: str | None = None  # the directory (or hub id) it was loaded from
+    dtype: str | None = None  # e.g. "bfloat16"
+    config: Any = None  # the model's config, also when its weights are not loaded
+    generation_config: Any = None
+
+    def __post_init__(self) -> None:
+        if self.model is not None:
+            self.config = self.config or self.model.config
+            self.generation_config = self.generation_config or getattr(
+                self.model, "generation_config", None
+            )
+            self.dtype = self.dtype or str(self.model.dtype).removeprefix("torch.")
+
+    @property
+    def max_length(self) -> int | None:
+        return getattr(self.config, "max_position_embeddings", None)
 
     @classmethod
     def from_objects(cls, model: Any, tokenizer: Any, name: str | None = None) -> LoadedModel:
@@ -219,23 +235,38 @@ def default_dtype(device: str) -> Any:
     return torch.bfloat16 if native else torch.float32
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load a causal LM and its tokenizer by name (see the module docstring)."""
+def load_model(
+    name: str, device: str = "auto", dtype: str = "auto", weights: bool = True
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer by name (see the module docstring).
+
+    ``weights=False`` loads only the tokenizer and configs: enough to render prompts for a
+    backend that runs the model elsewhere (vllm, openai).
+    """
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = default_dtype(device) if dtype == "auto" else _parse_dtype(dtype)
     location = resolve_model(name)
     transformers.utils.logging.disable_progress_bar()  # flipsearch shows its own progress
+    model: Any = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+            model = cast(Any, model).to(device).eval()  # transformers types .to() too narrowly
+            config, generation = model.config, model.generation_config
+        else:
+            config = AutoConfig.from_pretrained(location)
+            try:
+                generation = GenerationConfig.from_pretrained(location)
+            except OSError:  # no generation_config.json: the model config's ids apply
+                generation = GenerationConfig.from_model_config(config)
     except OSError as exc:
         raise FlipsearchError(f"cannot load model {name!r}: {exc}") from exc
-    model = cast(Any, model).to(device).eval()  # transformers types .to() too narrowly
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if isinstance(location, Path):
@@ -244,12 +275,15 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
         fingerprint = (
             "hub-"
             + hashlib.sha256(
-                (location + str(getattr(model.config, "_commit_hash", ""))).encode()
+                (location + str(getattr(config, "_commit_hash", ""))).encode()
             ).hexdigest()[:16]
         )
     # Numerics differ across dtypes and devices, so they are part of what a generation depends on.
-    fingerprint += f"-{str(torch_dtype).removeprefix('torch.')}-{torch.device(device).type}"
-    return LoadedModel(model, tokenizer, name, fingerprint)
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    fingerprint += f"-{dtype_name}-{torch.device(device).type}"
+    return LoadedModel(
+        model, tokenizer, name, fingerprint, str(location), dtype_name, config, generation
+    )
 
 
 def _parse_dtype(dtype: str) -> Any:

@@ -62,6 +62,9 @@ class Proposer:
         rendered = self.loaded.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
+        chats = getattr(self.generator, "chats", None)
+        if chats is not None:  # an openai chat endpoint sends the messages themselves
+            chats[rendered] = messages
         decoding = Decoding(self.max_new_tokens, temperature=0.9, top_p=0.95, seed=seed)
         [(_, [[generation]])] = list(self.generator.generate_batches([rendered], decoding))
         text = clean_proposal(generation.text)

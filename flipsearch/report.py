@@ -108,7 +108,8 @@ def _heat_view(token_kl: dict[str, Any], examples: int = 4) -> list[dict[str, An
     view = []
     for ex in token_kl["examples"][:examples]:
         tokens = [
-            {"text": text, "kl": kl, "alpha": min(1.0, kl / scale)}
+            # The sampled-token estimate can be negative per token: no shade there.
+            {"text": text, "kl": kl, "alpha": max(0.0, min(1.0, kl / scale))}
             for text, kl in zip(ex["tokens"], ex["kl"], strict=True)
         ]
         view.append(

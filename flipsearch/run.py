@@ -20,7 +20,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flipsearch.backends import Decoding
+from flipsearch.backends import BackendSpec, Decoding, make_backend
 from flipsearch.cache import GenerationCache
 from flipsearch.contexts import Context, load_contexts
 from flipsearch.errors import FlipsearchError
@@ -86,6 +86,15 @@ class RunConfig:
     prune_every: int = 8
     p_threshold: float = 0.1
     grammar: str | None = None  # default: grammar.yaml of the contexts folder, else the shipped one
+    # Where generation runs: hf (in this process), vllm (offline engine), openai (servers).
+    backend: str = "hf"
+    base_url: list[str] = field(default_factory=list)  # openai: repeat for round-robin
+    served_model: str | None = None  # openai: the server's name for the model (default: model)
+    api_key_env: str = "OPENAI_API_KEY"  # the variable's name is stored, never its value
+    openai_endpoint: str = "completions"
+    max_in_flight: int = 32
+    request_timeout: float = 300.0
+    request_retries: int = 4
 
     def search_settings(self) -> SearchSettings:
         return SearchSettings(
@@ -104,6 +113,18 @@ class RunConfig:
     @property
     def decoding(self) -> Decoding:
         return Decoding(self.max_new_tokens, self.temperature, self.top_p, self.samples, self.seed)
+
+    def backend_spec(self) -> BackendSpec:
+        return BackendSpec(
+            self.backend,
+            tuple(self.base_url),
+            self.served_model,
+            self.api_key_env,
+            self.openai_endpoint,
+            self.max_in_flight,
+            self.request_timeout,
+            self.request_retries,
+        )
 
 
 @dataclass
@@ -236,13 +257,18 @@ def run(
         config.judge_model,
     )
     correction = read_judge_metrics(config.judge_metrics) if config.judge_metrics else None
+    backend = config.backend_spec()
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
 
     if model is not None:
         loaded = model
     else:
         with console.status(f"loading model {config.model}"):
-            loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+            loaded = load_model(
+                config.model, config.device, config.dtype, weights=backend.needs_weights
+            )
+    with console.status(f"starting the {backend.name} backend"):
+        generator, scorer = make_backend(backend, loaded, config.batch_size)
     cache = GenerationCache(out / "generations.sqlite")
     cached_before = len(cache)
     with make_progress(console) as progress:
@@ -253,6 +279,7 @@ def run(
             decoding,
             cache,
             config.batch_size,
+            generator=generator,
             progress=progress,
         )
         evaluator.prefetch([*search_split, *holdout_split, *benign], None)
@@ -289,16 +316,34 @@ def run(
     leaderboard = build_leaderboard(ranked, holdout, config.max_benign_refusal)
     if correction is not None:
         add_corrected_rates(leaderboard, **correction)
+    token_analysis = "none (no winner)"
     if winner is not None:
-        with console.status("token-level analysis of the winner"):
-            analysis = analyse_context(loaded, winner, limit=config.analysis_prompts)
-        _write_atomic(out / "token_kl.json", json.dumps(analysis))
+        try:
+            with console.status("token-level analysis of the winner"):
+                analysis = analyse_context(
+                    loaded,
+                    winner,
+                    limit=config.analysis_prompts,
+                    scorer=None if backend.name == "hf" else scorer,
+                )
+        except FlipsearchError as exc:
+            if backend.name == "hf":
+                raise
+            # A server that cannot score (chat-only) still gives every rate; say what is missing.
+            token_analysis = f"skipped: {exc}"
+            console.print(f"[yellow]token-level analysis {token_analysis}[/yellow]")
+        else:
+            token_analysis = analysis["divergence"]
+            _write_atomic(out / "token_kl.json", json.dumps(analysis))
     info = {
         "flipsearch_version": _version(),
         "model": config.model,
         "model_fingerprint": loaded.fingerprint,
-        "dtype": str(loaded.model.dtype).removeprefix("torch."),
-        "device": str(loaded.model.device),
+        "backend": backend.name,
+        "token_analysis": token_analysis,
+        "generator_fingerprint": generator.fingerprint,
+        "dtype": loaded.dtype,
+        "device": str(loaded.model.device) if loaded.model is not None else backend.name,
         "python": platform.python_version(),
         "torch": _package_version("torch"),
         "transformers": _package_version("transformers"),
@@ -440,7 +485,11 @@ def _search(
             if config.proposer == config.model
             else load_model(config.proposer, device=config.device, dtype=config.dtype)
         )
-        proposer = Proposer(proposer_model)
+        # The student model proposes through the run's backend; another model loads locally.
+        proposer = Proposer(
+            proposer_model,
+            generator=evaluator.generator if proposer_model is loaded else None,
+        )
     deadline = None if settings.timeout is None else time.time() + settings.timeout
     since_proposal = 0
     while finished_trials(study) < settings.trials:

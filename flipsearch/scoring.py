@@ -4,6 +4,11 @@ The OPSA loss is a per-token divergence between the student's and the teacher's 
 distributions on the student's response tokens. This module computes that divergence with the
 frozen model, for the report's token-level analysis (the paper found it concentrated in the
 first ~10-30 response tokens: the compliance decision).
+
+With the ``vllm`` and ``openai`` backends the weights are not in this process; the backend's
+scorer then gives the log-probability of each response token under both prompts, and the
+per-token divergence is the sampled-token estimate log p_student(y) - log p_teacher(y) (the
+single-sample estimator of reverse KL that OPSA's ``sampled`` support uses).
 """
 
 from __future__ import annotations
@@ -64,12 +69,40 @@ def token_divergence(
     )
 
 
+def sampled_token_divergence(
+    scorer: Any,
+    tokenizer: Any,
+    student_prompt: str,
+    teacher_prompt: str,
+    response_ids: Sequence[int],
+    max_tokens: int = 64,
+) -> TokenDivergence:
+    """The sampled-token estimate of reverse KL, from a backend's scorer (no local weights)."""
+    response = list(response_ids)[:max_tokens]
+    if not response:
+        return TokenDivergence([], [], [], [])
+    student, teacher = scorer.token_logprobs(
+        [(student_prompt, response), (teacher_prompt, response)]
+    )
+    return TokenDivergence(
+        tokens=[tokenizer.decode([t]) for t in response],
+        kl=[s - t for s, t in zip(student, teacher, strict=True)],
+        teacher_logprob=list(teacher),
+        student_logprob=list(student),
+    )
+
+
 def analyse_context(
-    loaded: LoadedModel, score: Any, limit: int = 16, max_tokens: int = 64
+    loaded: LoadedModel,
+    score: Any,
+    limit: int = 16,
+    max_tokens: int = 64,
+    scorer: Any = None,
 ) -> dict[str, Any]:
     """KL by token position over the student's unsafe answers, flips first (for the report).
 
-    ``score`` is a ``ContextScore``; the first sample of each prompt is analysed.
+    ``score`` is a ``ContextScore``; the first sample of each prompt is analysed. With a
+    ``scorer`` (a backend's), the divergence is the sampled-token estimate.
     """
     pool = [o for o in score.harmful if (o.student.unsafe_share or 0) > 0]
     chosen = sorted(pool, key=lambda o: (-o.flip, o.student.prompt.id))[:limit]
@@ -78,13 +111,16 @@ def analyse_context(
     examples = []
     for outcome in chosen:
         response = outcome.student.responses[0]
-        divergence = token_divergence(
-            loaded,
+        arguments = (
             outcome.student.rendered,
             outcome.teacher.rendered,
             response.token_ids,
             max_tokens,
         )
+        if scorer is None:
+            divergence = token_divergence(loaded, *arguments)
+        else:
+            divergence = sampled_token_divergence(scorer, loaded.tokenizer, *arguments)
         for position, value in enumerate(divergence.kl):
             sums[position] += value
             counts[position] += 1
@@ -100,7 +136,9 @@ def analyse_context(
     used = max((i + 1 for i, c in enumerate(counts) if c), default=0)
     return {
         "context": score.context.id,
-        "divergence": "reverse KL(student || teacher), full vocabulary, nats",
+        "divergence": "reverse KL(student || teacher), full vocabulary, nats"
+        if scorer is None
+        else "reverse KL(student || teacher), sampled-token estimate log p_s(y) - log p_t(y), nats",
         "mean_kl_by_position": [sums[i] / counts[i] for i in range(used)],
         "n_by_position": counts[:used],
         "examples": examples,

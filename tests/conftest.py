@@ -146,3 +146,32 @@ def postgres_url():
             capture_output=True,
         )
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The Python of the vLLM environment (`make vllm-env`); CI must have it, a laptop may not."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    python = Path(os.environ.get("FLIPSEARCH_VLLM_PYTHON", root / ".venv-vllm" / "bin" / "python"))
+    probe = (
+        subprocess.run([python, "-c", "import vllm"], capture_output=True, timeout=300)
+        if python.exists()
+        else None
+    )
+    if probe is None or probe.returncode != 0:
+        message = f"no importable vLLM at {python} (run `make vllm-env`)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    """The embedded model's safetensors copy (converted from its GGUF on first use)."""
+    from flipsearch.models import resolve_model
+
+    return Path(resolve_model("smollm2-135m"))
