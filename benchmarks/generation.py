@@ -146,8 +146,10 @@ def main() -> None:
         f"{'tok/s':>8} {'ratio':>7}"
     )
 
-    def row(what: str, backend: str, prompts: int, seconds: float, tokens: int, base: float):
+    def row(what: str, backend: str, prompts: int, seconds: float, tokens: int, base: Any):
+        """Print a row; ``base`` is the rate the ratio is against (None: this row's own)."""
         rate = tokens / seconds
+        base = base or rate
         print(
             f"{what:<9} {backend:<36} {prompts:>7} {tokens:>7} {seconds:>7.1f} {rate:>8.1f} "
             f"{rate / base:>6.2f}x"
@@ -167,7 +169,7 @@ def main() -> None:
             answers = got
     requests = [(p, list(a)) for p, a in zip(rendered, answers, strict=True) if a]
     seconds, tokens = measure_scoring(HFScorer(loaded), requests)
-    hf_score = row("score", "hf, one pass per answer", len(requests), seconds, tokens, 1.0)
+    hf_score = row("score", "hf, one pass per answer", len(requests), seconds, tokens, None)
 
     if not args.vllm_python.exists():
         print(f"(no vLLM environment at {args.vllm_python}: run `make vllm-env` for its rows)")

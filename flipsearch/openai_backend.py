@@ -24,8 +24,9 @@ import asyncio
 import itertools
 import os
 import random
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Coroutine, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import httpx
 
@@ -41,6 +42,7 @@ from flipsearch.errors import FlipsearchError
 from flipsearch.models import LoadedModel
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+T = TypeVar("T")
 # Tests route requests to an in-process fake server (httpx.MockTransport) and skip the waits.
 default_transport: httpx.AsyncBaseTransport | None = None
 sleep = asyncio.sleep
@@ -83,7 +85,7 @@ class OpenAIGenerator:
 
     def check(self) -> None:
         """Every server answers ``/models`` and serves the model; a clear error otherwise."""
-        asyncio.run(self._check())
+        _run(self._check())
 
     async def _check(self) -> None:
         async with self._client() as client:
@@ -126,7 +128,7 @@ class OpenAIGenerator:
             indices = list(range(start, min(start + self.chunk, len(prompts))))
             bodies = [self._body(prompts[i], decoding) for i in indices]
             endpoint = "chat/completions" if self.spec.endpoint == "chat" else "completions"
-            answers = asyncio.run(self._post_all(endpoint, bodies))
+            answers = _run(self._post_all(endpoint, bodies))
             done = [(i, a) for i, a in zip(indices, answers, strict=True) if isinstance(a, dict)]
             if done:
                 yield (
@@ -195,7 +197,7 @@ class OpenAIGenerator:
                     "logprobs": 0,
                 }
             )
-        answers = asyncio.run(self._post_all("completions", bodies))
+        answers = _run(self._post_all("completions", bodies))
         results = []
         for answer, (start, length) in zip(answers, lengths, strict=True):
             if isinstance(answer, BaseException):
@@ -265,6 +267,16 @@ class OpenAIGenerator:
             f"no answer after {self.spec.retries + 1} attempts ({'; '.join(failures[-3:])}); "
             "answers already received are kept in the generation cache"
         )
+
+
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run to completion, also when called from inside an event loop (Jupyter, inspect_ai)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def _retry_after(response: httpx.Response) -> float:

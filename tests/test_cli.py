@@ -60,6 +60,20 @@ def test_unknown_judge(tmp_path):
     )
 
 
+def test_backend_mistakes_are_one_line_errors(tiny_model_dir, tmp_path):
+    import importlib.util
+
+    args = ["score", "--context", "Refuse.", *tiny_cli_args(tiny_model_dir, tmp_path / "r")]
+    _assert_user_error(flipsearch(*args, "--backend", "tgi"), "unknown backend 'tgi'")
+    _assert_user_error(flipsearch(*args, "--backend", "openai"), "needs a server: --base-url")
+    _assert_user_error(
+        flipsearch(*args, "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1"),
+        "cannot reach the server at http://127.0.0.1:9/v1",
+    )
+    if importlib.util.find_spec("vllm") is None:  # the main environment has no vLLM
+        _assert_user_error(flipsearch(*args, "--backend", "vllm"), "needs vLLM in this environment")
+
+
 def test_context_file_without_text(tmp_path):
     context = tmp_path / "ctx.yaml"
     context.write_text("id: empty\nplacement: system\n")

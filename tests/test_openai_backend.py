@@ -110,6 +110,19 @@ def test_completions_send_the_rendered_prompt_and_read_token_ids(tiny_model, no_
     assert generator.fingerprint.startswith("openai:fake:")
 
 
+def test_works_when_called_inside_a_running_event_loop(tiny_model, no_waiting):
+    import asyncio
+
+    server = FakeServer(tiny_model.tokenizer)
+    generator = make(tiny_model, server)
+
+    async def notebook_cell():  # Jupyter and inspect_ai call library code from a running loop
+        return collect(generator, rendered(tiny_model, ["a question"]))
+
+    [[generation]] = asyncio.run(notebook_cell())
+    assert generation.text == COMPLIANCE
+
+
 def test_sampling_sends_n_and_a_per_prompt_seed(tiny_model, no_waiting):
     server = FakeServer(tiny_model.tokenizer)
     generator = make(tiny_model, server)
