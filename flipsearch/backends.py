@@ -117,6 +117,8 @@ class BackendSpec:
             )
         if self.name != "openai" and self.base_urls:
             raise FlipsearchError("--base-url is for --backend openai")
+        if self.engine_args and self.name != "vllm":
+            raise FlipsearchError("--vllm-arg is for --backend vllm")
         if self.max_in_flight < 1 or self.retries < 0 or self.request_timeout <= 0:
             raise FlipsearchError(
                 "max_in_flight must be >= 1, retries >= 0 and request_timeout > 0"

@@ -131,6 +131,15 @@ MaxInFlight = Annotated[
 RequestTimeout = Annotated[
     float, typer.Option(min=1, help="Seconds per request.", rich_help_panel="Backend")
 ]
+VLLMArgs = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--vllm-arg",
+        help="An argument of vLLM's LLM(...) as KEY=VALUE, e.g. tensor_parallel_size=2 or "
+        "gpu_memory_utilization=0.8; repeatable.",
+        rich_help_panel="Backend",
+    ),
+]
 RequestRetries = Annotated[
     int,
     typer.Option(
@@ -143,7 +152,24 @@ def _config(**options: Any) -> RunConfig:
     options["out"] = str(options["out"])
     options["prompts"] = list(options.get("prompts") or [])
     options["base_url"] = list(options.get("base_url") or [])
+    options["vllm_args"] = _key_values(options.pop("vllm_arg", None) or [], "--vllm-arg")
     return RunConfig(**options)
+
+
+def _key_values(items: list[str], option: str) -> dict[str, Any]:
+    """KEY=VALUE pairs; values are read as YAML scalars (2 -> int, 0.8 -> float, true -> bool)."""
+    import yaml
+
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise FlipsearchError(f"{option} {item!r}: expected KEY=VALUE")
+        try:
+            parsed[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as exc:
+            raise FlipsearchError(f"{option} {item!r}: cannot read the value ({exc})") from exc
+    return parsed
 
 
 @app.command()
@@ -176,6 +202,7 @@ def run(
     max_in_flight: MaxInFlight = 32,
     request_timeout: RequestTimeout = 300.0,
     request_retries: RequestRetries = 4,
+    vllm_arg: VLLMArgs = None,
     trials: Annotated[
         int,
         typer.Option(
@@ -299,6 +326,7 @@ def score(
     max_in_flight: MaxInFlight = 32,
     request_timeout: RequestTimeout = 300.0,
     request_retries: RequestRetries = 4,
+    vllm_arg: VLLMArgs = None,
 ) -> None:
     """Score the given contexts only; writes the same run files as ``run``."""
     candidates = [context_from_arg(value, placement) for value in context]

@@ -95,6 +95,7 @@ class RunConfig:
     max_in_flight: int = 32
     request_timeout: float = 300.0
     request_retries: int = 4
+    vllm_args: dict[str, Any] = field(default_factory=dict)  # vllm: extra LLM(...) arguments
 
     def search_settings(self) -> SearchSettings:
         return SearchSettings(
@@ -124,6 +125,7 @@ class RunConfig:
             self.max_in_flight,
             self.request_timeout,
             self.request_retries,
+            dict(self.vllm_args),
         )
 
 

@@ -70,6 +70,10 @@ def test_backend_mistakes_are_one_line_errors(tiny_model_dir, tmp_path):
         flipsearch(*args, "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1"),
         "cannot reach the server at http://127.0.0.1:9/v1",
     )
+    _assert_user_error(flipsearch(*args, "--vllm-arg", "seed"), "--vllm-arg 'seed': expected KEY")
+    _assert_user_error(
+        flipsearch(*args, "--vllm-arg", "max_model_len=2048"), "--vllm-arg is for --backend vllm"
+    )
     if importlib.util.find_spec("vllm") is None:  # the main environment has no vLLM
         _assert_user_error(flipsearch(*args, "--backend", "vllm"), "needs vLLM in this environment")
 
