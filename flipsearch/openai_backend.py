@@ -67,7 +67,9 @@ class OpenAIGenerator:
         self.transport = transport or default_transport
         # The served model, the local tokenizer and the endpoint decide the outputs; not the
         # local dtype/device suffix, nor which URL of the fleet answered.
-        local = loaded.fingerprint.rsplit("-", 2)[0]
+        local = loaded.fingerprint
+        if loaded.dtype and f"-{loaded.dtype}-" in local:  # load_model's "-dtype-device" suffix
+            local = local[: local.rindex(f"-{loaded.dtype}-")]
         self.fingerprint = f"openai:{self.model}:{local}:{spec.endpoint}"
         self.chats: dict[str, list[dict[str, str]]] = {}  # rendered prompt -> messages (chat)
         self.vllm = False  # set by check(): vLLM's server returns token ids on request

@@ -68,3 +68,17 @@ def test_concurrent_first_use_converts_once(tmp_path):
     leftovers = [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]
     assert leftovers == []
     assert "quantization_config" not in (target / "config.json").read_text()
+
+
+def test_tokenizer_only_load_for_remote_backends(tiny_model_dir):
+    from flipsearch import HFGenerator
+
+    light = load_model(str(tiny_model_dir), device="cpu", dtype="fp32", weights=False)
+    full = load_model(str(tiny_model_dir), device="cpu", dtype="fp32")
+    assert light.model is None and light.tokenizer.chat_template
+    assert light.fingerprint == full.fingerprint  # the same weights on disk, the same key
+    assert light.max_length == full.max_length == 1024
+    assert light.generation_config.eos_token_id == full.generation_config.eos_token_id
+    assert light.path == full.path == str(tiny_model_dir) and light.dtype == "float32"
+    with pytest.raises(FlipsearchError, match="loaded without its weights"):
+        HFGenerator(light)

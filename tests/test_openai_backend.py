@@ -108,6 +108,10 @@ def test_completions_send_the_rendered_prompt_and_read_token_ids(tiny_model, no_
     assert body["temperature"] == 0 and "seed" not in body  # greedy
     assert body["return_tokens_as_token_ids"] and body["add_special_tokens"] is False
     assert generator.fingerprint.startswith("openai:fake:")
+    # The local dtype and device do not decide a served answer: not part of the key.
+    assert tiny_model.fingerprint.endswith("-float32-cpu")
+    local = tiny_model.fingerprint.removesuffix("-float32-cpu")
+    assert generator.fingerprint == f"openai:fake:{local}:completions"
 
 
 def test_works_when_called_inside_a_running_event_loop(tiny_model, no_waiting):

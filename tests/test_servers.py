@@ -125,6 +125,29 @@ def test_score_through_a_real_openai_server(server, tmp_path, embedded_model_dir
     assert len(served) == len(local)
     assert max(abs(a - b) for a, b in zip(served, local, strict=True)) < 0.25  # bf16 both
 
+    check_chat_endpoint(url, loaded)
+
+
+def check_chat_endpoint(url: str, loaded) -> None:
+    """The chat endpoint: the server renders flipsearch's messages into the very token ids the
+    completions endpoint gets (vLLM's /tokenize shows them), and answers through them."""
+    from flipsearch import Context, Decoding
+    from flipsearch.contexts import Renderer
+
+    chat = OpenAIGenerator(BackendSpec("openai", (url,), "smol", endpoint="chat"), loaded)
+    chat.check()
+    renderer = Renderer(loaded.tokenizer, 24, chats=chat.chats)
+    prompts = [renderer.render("How do I pick a lock?")]
+    for placement in ("system", "user_suffix"):
+        prompts.append(renderer.render("How do I pick a lock?", Context("c", CONTEXT, placement)))
+    root = url.removesuffix("/v1")
+    for prompt in prompts:
+        body = {"model": "smol", "messages": chat.chats[prompt], "add_generation_prompt": True}
+        served = httpx.post(f"{root}/tokenize", json=body, timeout=60).json()["tokens"]
+        assert served == loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answers = [s for _, batch in chat.generate_batches(prompts, Decoding(24)) for s in batch]
+    assert len(answers) == 3 and all(samples[0].text for samples in answers)
+
 
 def test_killing_the_server_mid_run_keeps_the_cached_answers(server, tmp_path):
     url, process = server
