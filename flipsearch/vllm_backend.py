@@ -30,6 +30,10 @@ from flipsearch.errors import FlipsearchError
 from flipsearch.models import LoadedModel
 
 _ENGINES: dict[tuple[str, str], Any] = {}
+# LLM(...) arguments that change what the model computes (the rest change speed or memory).
+_NUMERICS_ARGS = frozenset(
+    {"quantization", "kv_cache_dtype", "revision", "tokenizer_revision", "hf_overrides"}
+)
 
 
 def engine(model_dir: str, engine_args: dict[str, Any] | None = None) -> Any:
@@ -69,12 +73,19 @@ class VLLMGenerator:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.engine_args = dict(engine_args or {})
-        if "dtype" not in self.engine_args and loaded.dtype:
+        if "dtype" in self.engine_args:
+            raise FlipsearchError("set the dtype with --dtype, not --vllm-arg (it keys the cache)")
+        if loaded.dtype:
             self.engine_args["dtype"] = loaded.dtype
         self.llm = engine(str(loaded.path), self.engine_args)
         self.chunk = chunk
         # vLLM's own numerics (kernels, batching) differ from transformers': not the hf key.
-        self.fingerprint = f"vllm:{loaded.fingerprint}"
+        # Engine arguments that change the numerics join the key too.
+        numerics = sorted(
+            (k, v) for k, v in self.engine_args.items() if k in _NUMERICS_ARGS and v is not None
+        )
+        suffix = "".join(f":{k}={v}" for k, v in numerics)
+        self.fingerprint = f"vllm:{loaded.fingerprint}{suffix}"
         self.stop_ids = stop_token_ids(self.tokenizer, loaded.generation_config)
 
     def _ids(self, prompt: str) -> list[int]:

@@ -38,3 +38,4 @@ def test_vllm_backend_agrees_with_hf(vllm_python, embedded_model_dir):
     assert found["texts_from_ids"]
     assert found["fingerprint"] == "vllm:" + found["hf_fingerprint"]
     assert found["flip_rate_rows"] == 1
+    assert found["dtype_override_refused"]  # --dtype keys the cache; --vllm-arg may not change it

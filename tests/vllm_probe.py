@@ -68,7 +68,15 @@ def main(model: str, dtype: str, count: int) -> dict[str, object]:
         decoding=Decoding(max_new_tokens=16),
         backend="vllm",
     )
+    from flipsearch.errors import FlipsearchError
+
+    try:
+        VLLMGenerator(light, {"dtype": "float16"})
+        dtype_override_refused = False
+    except FlipsearchError:
+        dtype_override_refused = True
     return {
+        "dtype_override_refused": dtype_override_refused,
         "flip_rate_rows": len(scored.to_pandas()),
         "prompts": count,
         "identical": sum(a.token_ids == b.token_ids for a, b in zip(ours, theirs, strict=True)),
