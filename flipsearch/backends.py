@@ -184,6 +184,7 @@ class HFGenerator:
         self.tokenizer = loaded.tokenizer
         self.fingerprint = loaded.fingerprint
         self.batch_size = batch_size
+        self.stop_ids = stop_token_ids(self.tokenizer, self.model.generation_config)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -234,9 +235,7 @@ class HFGenerator:
             yield indices, results
 
     def _finish(self, ids: list[int]) -> Generation:
-        return finish(
-            self.tokenizer, ids, stop_token_ids(self.tokenizer, self.model.generation_config)
-        )
+        return finish(self.tokenizer, ids, self.stop_ids)
 
 
 class HFScorer:
