@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from flipsearch import BackendSpec, Decoding, HFGenerator, load_contexts, load_model, load_prompts
-from flipsearch.backends import HFScorer
+from flipsearch.backends.hf import HFScorer
 from flipsearch.contexts import Renderer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ def teacher_prompts(model: str, dtype: str, count: int, max_new: int) -> tuple[A
 
 def vllm_worker(work: Path) -> None:
     """Runs in the vLLM environment: generation and scoring, prefix caching on and off."""
-    from flipsearch.vllm_backend import VLLMGenerator
+    from flipsearch.backends.vllm import VLLMGenerator
 
     task = json.loads(work.read_text())
     loaded = load_model(task["model"], dtype=task["dtype"], weights=False)
@@ -199,12 +199,12 @@ def main() -> None:
             base = hf_rate if what == "generate" else hf_score
             row(what, backend, count, seconds, tokens, base)
 
-    from flipsearch.openai_backend import OpenAIGenerator
+    from flipsearch.backends.openai import OpenAIGenerator
 
     process, url = start_server(args.vllm_python, model_dir, loaded.dtype or "auto")
     try:
         light = load_model(args.model, dtype=args.dtype, weights=False)
-        spec = BackendSpec("openai", (url,), "bench", max_in_flight=64)
+        spec = BackendSpec("openai", base_url=(url,), served_model="bench", max_in_flight=64)
         client = OpenAIGenerator(spec, light, chunk=10_000)
         client.check()
         measure(client, rendered[:8], Decoding(max_new_tokens=4))  # warm-up

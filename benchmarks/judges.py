@@ -14,9 +14,11 @@ import random
 import tempfile
 from collections import defaultdict
 
-from flipsearch.classifier import ClassifierJudge, train_classifier
-from flipsearch.judging import EnsembleJudge, Judge, RefusalJudge
-from flipsearch.labelled import evaluate_judge, load_labelled
+from flipsearch.judging.classifier import ClassifierJudge, train_classifier
+from flipsearch.judging import Judge
+from flipsearch.judging.ensemble import EnsembleJudge
+from flipsearch.judging.refusal import RefusalJudge
+from flipsearch.judging.agreement import evaluate_judge, load_labelled
 
 
 def main() -> None:
@@ -54,7 +56,7 @@ def main() -> None:
         "refusal": {"refusal": RefusalJudge(), "classifier": classifiers["refusal"]},
     }
     if args.llama_guard:
-        from flipsearch.llama_guard import LlamaGuardJudge
+        from flipsearch.judging.llama_guard import LlamaGuardJudge
 
         judges["unsafe"]["llama-guard"] = LlamaGuardJudge(args.llama_guard)
     header = (

@@ -29,13 +29,12 @@ from flipsearch import Decoding, Evaluator, GenerationCache, load_contexts, load
 from flipsearch.fliprate import compare
 from flipsearch.grammar import load_grammar
 from flipsearch.prompts import builtin_prompts, split_harmful
-from flipsearch.run import rank_rows
+from flipsearch.leaderboard import Row, rank
 from flipsearch.search import (
     ContextObjective,
     SearchSettings,
     enqueue_seeds,
     open_study,
-    score_row,
     trial_rows,
 )
 
@@ -86,7 +85,7 @@ def main() -> None:
     started = time.perf_counter()
     exhaustive = fresh_evaluator("exhaustive")
     scores = {c.id: exhaustive.score(c, search_split, benign, "search") for c in contexts}
-    rows = rank_rows([score_row(s) for s in scores.values()], args.max_benign_refusal)
+    rows = rank([Row.of_score(s) for s in scores.values()], args.max_benign_refusal)
     best = rows[0]["context"]
     # Exhaustive scoring generates every (context, prompt) pair once; a reused cache (--work)
     # generated them in an earlier run of this script.
@@ -125,7 +124,7 @@ def main() -> None:
         )
         enqueue_seeds(study, objective.screen(order))
         study.optimize(objective, n_trials=len(contexts))
-        found = rank_rows(trial_rows(study), args.max_benign_refusal)
+        found = rank(trial_rows(study), args.max_benign_refusal)
         winner = found[0]["context"]
         used = evaluator.generated["teacher"]
         pruned = sum(r["state"] == "pruned" for r in found)

@@ -13,21 +13,25 @@ The public API is what this module exports; everything else is private to its mo
 The inspect_ai integration (tasks, a scorer and a model API) is in ``flipsearch.inspect_tasks``.
 """
 
-from flipsearch.backends import BackendSpec, Decoding, Generation, HFGenerator, make_backend
-from flipsearch.cache import GenerationCache
-from flipsearch.classifier import ClassifierJudge, train_classifier
+from flipsearch.backends import BackendSpec, Decoding, Generation, make_backend
+from flipsearch.backends.cache import GenerationCache
+from flipsearch.backends.hf import HFGenerator
 from flipsearch.contexts import PLACEMENTS, Context, load_contexts
 from flipsearch.errors import FlipsearchError
-from flipsearch.evaluate import Evaluator, FlipRateResult, StudentBaseline, flip_rate
+from flipsearch.evaluate import Evaluator, FlipRateResult, StudentBaseline
 from flipsearch.export import export_trl_sdft
 from flipsearch.fliprate import ContextScore, Rate, mcnemar_exact, paired_test, wilson_interval
-from flipsearch.judging import FunctionJudge, Judge, JudgeSpec, RefusalJudge, Verdict, get_judge
-from flipsearch.labelled import LabelledRow, evaluate_judge, load_labelled
+from flipsearch.judging import Judge, JudgeSpec, Verdict, get_judge
+from flipsearch.judging.agreement import LabelledRow, evaluate_judge, load_labelled
+from flipsearch.judging.classifier import ClassifierJudge, train_classifier
+from flipsearch.judging.function import FunctionJudge
+from flipsearch.judging.refusal import RefusalJudge
 from flipsearch.models import LoadedModel, load_model
-from flipsearch.opsa import TrainConfig, TrainResult, train
+from flipsearch.config import TrainConfig
+from flipsearch.opsa import TrainResult, train
 from flipsearch.prompts import Prompt, builtin_prompts, load_prompts, split_harmful
 from flipsearch.report import render_report
-from flipsearch.run import RunConfig, RunResult, run, search
+from flipsearch.run import RunConfig, RunResult, flip_rate, run, search
 
 __all__ = [
     "PLACEMENTS",

@@ -1,8 +1,10 @@
 """Contexts: loading the library, placing a context in a chat, rendering it exactly.
 
 A context is a text plus a placement. The teacher sees the prompt rendered with the context; the
-student sees it without. Rendering goes through the model's own chat template, and a rendering
-that would not fit is an error, never a silent truncation.
+student sees it without. Everything that knows how a context enters a chat is here: the one
+placement rule (``user_turn`` and ``build_messages``), the one id rule (``make_id``), the one
+reader of a context's fields (``Context.from_dict``). Rendering goes through the model's own
+chat template, and a rendering that would not fit is an error, never a silent truncation.
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from flipsearch._resources import data_path
 from flipsearch.errors import FlipsearchError
+from flipsearch.io import read_yaml
 
 PLACEMENTS = ("system", "user_prefix", "user_suffix")
 
@@ -40,10 +41,45 @@ class Context:
             raise FlipsearchError(f"context {self.id!r} has no text")
 
     @classmethod
-    def from_text(cls, text: str, placement: str = "system") -> Context:
-        """A context given inline; its id is a hash of its text and placement."""
-        digest = hashlib.sha256(f"{placement}\n{text}".encode()).hexdigest()[:10]
-        return cls(id=f"ctx-{digest}", text=text, placement=placement, family="inline")
+    def from_text(
+        cls,
+        text: str,
+        placement: str = "system",
+        prefix: str = "ctx",
+        family: str = "inline",
+        tags: Sequence[str] = (),
+    ) -> Context:
+        """A context made from its text; its id is ``prefix-`` + a hash of text and placement."""
+        return cls(make_id(prefix, placement, text), text, placement, family, tuple(tags))
+
+    @classmethod
+    def composed(
+        cls, text: str, placement: str, prefix: str, family: str, tags: Sequence[str] = ()
+    ) -> Context:
+        """A generated context (grammar, proposer). At ``user_suffix`` it is set off from the
+        prompt in parentheses, so it reads as a note rather than part of the request."""
+        if placement == "user_suffix":
+            text = f"({text})"
+        return cls.from_text(text, placement, prefix, family, tags)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "", family: str = "") -> Context:
+        """A context from its fields (a YAML entry, a study's record); errors name ``where``."""
+        at = f"{where}: " if where else ""
+        text = data.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise FlipsearchError(f"{at}context has no text")
+        context_id = data.get("id")
+        if not isinstance(context_id, str) or not context_id.strip():
+            raise FlipsearchError(f"{at}context has no id")
+        tags = data.get("tags") or []
+        if not isinstance(tags, list | tuple):
+            raise FlipsearchError(f"{at}'tags' must be a list")
+        placement = data.get("placement", "system")
+        if placement not in PLACEMENTS:
+            raise FlipsearchError(f"{at}unknown placement {placement!r}; choose {PLACEMENTS}")
+        chosen_family = str(data.get("family") or family)
+        return cls(context_id, text, placement, chosen_family, tuple(map(str, tags)))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -51,31 +87,10 @@ class Context:
         return data
 
 
-class _LineLoader(yaml.SafeLoader):
-    """A safe loader that remembers the line of each mapping, for error messages."""
-
-
-def _mapping_with_line(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
-    mapping = loader.construct_mapping(node, deep=True)
-    mapping["__line__"] = node.start_mark.line + 1
-    return mapping  # type: ignore[return-value]
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_with_line)
-
-
-def read_yaml(path: Path) -> Any:
-    """Parse a YAML file safely; mappings carry ``__line__``; errors name the file and line."""
-    try:
-        with path.open(encoding="utf-8") as handle:
-            return yaml.load(handle, Loader=_LineLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise FlipsearchError(f"{where}: malformed YAML ({problem})") from exc
-    except UnicodeDecodeError as exc:
-        raise FlipsearchError(f"{path}: not UTF-8 text") from exc
+def make_id(prefix: str, placement: str, text: str) -> str:
+    """A context's stable id: the same text at the same placement always has the same id."""
+    digest = hashlib.sha256(f"{placement}\n{text}".encode()).hexdigest()[:10]
+    return f"{prefix}-{digest}"
 
 
 def default_contexts_dir() -> Path:
@@ -130,20 +145,9 @@ def _parse_entry(entry: Any, path: Path, family: str) -> tuple[Context, str]:
     if not isinstance(entry, dict):
         raise FlipsearchError(f"{path}: each context must be a mapping with id, placement, text")
     where = f"{path}:{entry.get('__line__', '?')}"
-    text = entry.get("text")
-    if not isinstance(text, str) or not text.strip():
-        raise FlipsearchError(f"{where}: context has no text")
-    context_id = entry.get("id")
-    if not isinstance(context_id, str) or not context_id.strip():
-        raise FlipsearchError(f"{where}: context has no id")
-    tags = entry.get("tags") or []
-    if not isinstance(tags, list):
-        raise FlipsearchError(f"{where}: 'tags' must be a list")
-    placement = entry.get("placement", "system")
-    if placement not in PLACEMENTS:
-        raise FlipsearchError(f"{where}: unknown placement {placement!r}; choose {PLACEMENTS}")
-    context = Context(context_id.strip(), text.strip(), placement, family, tuple(map(str, tags)))
-    return context, where
+    # Hand-written files: surrounding white space is layout, not part of the id or the text.
+    cleaned = {k: v.strip() if isinstance(v, str) else v for k, v in entry.items()}
+    return Context.from_dict({**cleaned, "family": family}, where), where
 
 
 def context_from_arg(value: str, placement: str = "system") -> Context:
@@ -157,44 +161,57 @@ def context_from_arg(value: str, placement: str = "system") -> Context:
     return Context.from_text(value, placement)
 
 
-def build_messages(prompt: str, context: Context | None) -> list[dict[str, str]]:
-    """The chat the model sees: the student's (no context) or the teacher's.
+def user_turn(prompt: str, context: Context | None) -> str:
+    """The last user turn's text: the prompt, with a ``user_*`` context joined to it.
 
-    ``user_suffix`` joins as ``"{prompt}\\n\\n{context}"``, the form TRL's self-distillation
+    ``user_suffix`` joins as ``"{prompt}\n\n{context}"``, the form TRL's self-distillation
     trainer uses for its privileged context, so an exported dataset conditions identically.
     """
-    if context is None:
-        return [{"role": "user", "content": prompt}]
-    if context.placement == "system":
-        return [{"role": "system", "content": context.text}, {"role": "user", "content": prompt}]
+    if context is None or context.placement == "system":
+        return prompt
     if context.placement == "user_prefix":
-        return [{"role": "user", "content": f"{context.text}\n\n{prompt}"}]
-    return [{"role": "user", "content": f"{prompt}\n\n{context.text}"}]
+        return f"{context.text}\n\n{prompt}"
+    return f"{prompt}\n\n{context.text}"
+
+
+def build_messages(prompt: str, context: Context | None) -> list[dict[str, str]]:
+    """The chat the model sees: the student's (no context) or the teacher's."""
+    user = {"role": "user", "content": user_turn(prompt, context)}
+    if context is not None and context.placement == "system":
+        return [{"role": "system", "content": context.text}, user]
+    return [user]
+
+
+class Rendered(str):
+    """A rendered prompt: the exact text the model sees (a ``str``, so it keys the cache and
+    tokenizes like one), carrying the chat it was rendered from for backends that send
+    messages instead of text (the openai backend's chat endpoint)."""
+
+    messages: tuple[dict[str, str], ...]
+
+    def __new__(cls, text: str, messages: Sequence[dict[str, str]] = ()) -> Rendered:
+        rendered = super().__new__(cls, text)
+        rendered.messages = tuple(messages)
+        return rendered
+
+    @property
+    def text(self) -> str:
+        return str(self)
 
 
 class Renderer:
     """Renders chats through a tokenizer's chat template and checks they fit."""
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        max_new_tokens: int,
-        max_length: int | None = None,
-        chats: dict[str, list[dict[str, str]]] | None = None,
-    ) -> None:
+    def __init__(self, tokenizer: Any, max_new_tokens: int, max_length: int | None = None) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise FlipsearchError("the model's tokenizer has no chat template; use a chat model")
         self.tokenizer = tokenizer
-        # Rendered prompt -> its messages, for a backend that sends messages (openai chat).
-        self.chats = chats
         limit = max_length or _model_max_length(tokenizer)
         self.max_prompt_tokens = limit - max_new_tokens
 
-    def render(self, prompt: str, context: Context | None = None) -> str:
-        messages = build_messages(prompt, context)
-        text: str = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+    def render(self, prompt: str, context: Context | None = None) -> Rendered:
+        rendered = self.render_chat(build_messages(prompt, context))
+        text = str(rendered)
         if context is not None and context.text not in text:
             raise FlipsearchError(
                 f"context {context.id!r}: the chat template dropped or altered it at placement "
@@ -207,11 +224,18 @@ class Renderer:
                 f"{who}: rendered prompt is {length} tokens, over the {self.max_prompt_tokens} "
                 "that fit beside the response (contexts are never truncated)"
             )
-        if self.chats is not None:
-            self.chats[text] = messages
-        return text
+        return rendered
 
-    def render_all(self, prompts: Sequence[str], context: Context | None = None) -> list[str]:
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> Rendered:
+        """Any chat through the chat template, ready for generation (no fit check)."""
+        text: str = self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+        return Rendered(text, messages)
+
+    def render_all(
+        self, prompts: Sequence[str], context: Context | None = None
+    ) -> list[Rendered]:
         return [self.render(prompt, context) for prompt in prompts]
 
 

@@ -1,7 +1,7 @@
 """Generate, judge and score: the student baseline and any number of contexts.
 
-``flip_rate`` is the library entry point an eval harness calls; ``Evaluator`` is the reusable
-piece the run pipeline (and the search) builds on. Every generation goes through the cache.
+``Evaluator`` is the reusable piece the run pipeline, the search and ``flip_rate`` build on
+(a ``Session`` wires one). Every generation goes through the cache.
 """
 
 from __future__ import annotations
@@ -13,21 +13,16 @@ from typing import Any
 
 import pandas as pd
 
-from flipsearch.backends import (
-    BackendSpec,
-    Decoding,
-    Generation,
-    Generator,
-    HFGenerator,
-    make_backend,
-)
-from flipsearch.cache import GenerationCache, generate_cached
-from flipsearch.contexts import Context, Renderer, context_from_arg, load_contexts
+from flipsearch.backends._base import Decoding, Generation, Generator
+from flipsearch.backends.cache import GenerationCache, generate_cached
+from flipsearch.backends.hf import HFGenerator
+from flipsearch.contexts import Context, Renderer
 from flipsearch.errors import FlipsearchError
 from flipsearch.fliprate import ContextScore, Judged, PairedOutcome, Rate, compare
 from flipsearch.judging import JudgeSpec, get_judge
-from flipsearch.models import LoadedModel, load_model
-from flipsearch.prompts import Prompt, builtin_prompts, load_prompts
+from flipsearch.leaderboard import rank_scores
+from flipsearch.models import LoadedModel
+from flipsearch.prompts import Prompt
 
 
 class Evaluator:
@@ -50,12 +45,7 @@ class Evaluator:
         self.decoding = decoding or Decoding()
         self.cache = cache
         self.generator = generator or HFGenerator(loaded, batch_size=batch_size)
-        self.renderer = Renderer(
-            loaded.tokenizer,
-            self.decoding.max_new_tokens,
-            loaded.max_length,
-            getattr(self.generator, "chats", None),
-        )
+        self.renderer = Renderer(loaded.tokenizer, self.decoding.max_new_tokens, loaded.max_length)
         self.progress = progress
         self.generated = {"student": 0, "teacher": 0}  # prompts actually generated (not cached)
         # One judged prompt per (context, role, prompt): a prompt judged in a search chunk is
@@ -110,7 +100,7 @@ class Evaluator:
         self._generate(rendered, None, what, role="teacher")
 
     def _generate(
-        self, rendered: list[str], context: Context | None, what: str, role: str | None = None
+        self, rendered: Sequence[str], context: Context | None, what: str, role: str | None = None
     ) -> list[list[Generation]]:
         role = role or ("student" if context is None else "teacher")
         who = "student: " if role == "student" else ""
@@ -172,13 +162,8 @@ class FlipRateResult:
     scores: list[ContextScore] = field(default_factory=list)
 
     def ranked(self) -> list[ContextScore]:
-        return sorted(
-            self.scores,
-            key=lambda s: (
-                -_nan_low(s.flip_rate.value),
-                s.benign_refusal.value if s.benign else 0.0,
-            ),
-        )
+        """Best flip rate first, then lower benign refusal (no limit applies here)."""
+        return rank_scores(self.scores, max_benign_refusal=float("inf"))
 
     def to_pandas(self) -> pd.DataFrame:
         """One row per context (best first), with counts, intervals and a paired p-value
@@ -198,76 +183,3 @@ class FlipRateResult:
             "student_benign_refusal": self.student.benign_refusal.to_dict(),
             "contexts": self.to_pandas().to_dict(orient="records"),
         }
-
-
-def _nan_low(value: float) -> float:
-    return -1.0 if value != value else value
-
-
-def flip_rate(
-    model: str | LoadedModel = "smollm2-135m",
-    contexts: Sequence[Context | str] | str | Path | None = None,
-    prompts: Sequence[Prompt] | str | Path | None = None,
-    judge: JudgeSpec = "refusal",
-    refusal_judge: JudgeSpec = "refusal",
-    decoding: Decoding | None = None,
-    cache: str | Path | GenerationCache | None = None,
-    batch_size: int = 64,
-    backend: BackendSpec | str = "hf",
-) -> FlipRateResult:
-    """Measure the teacher flip rate of each context on a model's own unsafe answers.
-
-    Args:
-        model: a model name (``smollm2-135m``, a local directory, a hub id) or a
-            ``LoadedModel`` (``LoadedModel.from_objects(model, tokenizer)`` wraps objects you
-            already loaded, without a second copy).
-        contexts: ``Context`` objects or strings (a YAML file path or the context text itself,
-            placed as a system message), or a directory of seed files; default: the shipped
-            seed library.
-        prompts: ``Prompt`` objects or a prompt file; harmful prompts give flip rates, benign
-            prompts give benign refusal, reasoning prompts are ignored. Default: shipped sets.
-        judge: the safety judge: a name (``refusal``, ``llama-guard``, ``classifier``,
-            ``ensemble:...``), an object with ``judge(pairs) -> list[Verdict]``, or any
-            callable ``(prompt, response) -> bool | Verdict`` (True: unsafe).
-        refusal_judge: the judge that decides whether a benign answer is a refusal (a name,
-            a Judge, or a callable returning True for a refusal).
-        decoding: greedy by default; ``Decoding(temperature=0.7, samples=4)`` samples.
-        cache: a SQLite file (or ``GenerationCache``) so repeated calls generate nothing twice.
-        backend: ``"hf"`` (default), ``"vllm"``, or a ``BackendSpec`` (e.g.
-            ``BackendSpec("openai", base_urls=("http://host:8000/v1",))``).
-
-    Returns:
-        A ``FlipRateResult``: ``.to_pandas()`` gives flip rate, absolute flip rate, unflip rate
-        and benign refusal per context, each with its count and 95% Wilson interval.
-    """
-    spec = BackendSpec(backend) if isinstance(backend, str) else backend
-    loaded = load_model(model, weights=spec.needs_weights) if isinstance(model, str) else model
-    generator, _ = make_backend(spec, loaded, batch_size)
-    if isinstance(prompts, str | Path):
-        prompt_list = load_prompts(prompts)
-    else:
-        prompt_list = list(prompts) if prompts is not None else builtin_prompts()
-    if (
-        contexts is None
-        or isinstance(contexts, Path)
-        or (isinstance(contexts, str) and Path(contexts).is_dir())
-    ):
-        context_list = load_contexts(contexts)
-    elif isinstance(contexts, str):
-        context_list = [context_from_arg(contexts)]
-    else:
-        context_list = [c if isinstance(c, Context) else context_from_arg(c) for c in contexts]
-    harmful = [p for p in prompt_list if p.kind == "harmful"]
-    benign = [p for p in prompt_list if p.kind == "benign"]
-    if not harmful:
-        raise FlipsearchError("flip rates need harmful prompts; the prompt set has none")
-    store = GenerationCache(cache) if isinstance(cache, str | Path) else cache
-    evaluator = Evaluator(
-        loaded, judge, refusal_judge, decoding, store, batch_size, generator=generator
-    )
-    student = StudentBaseline(
-        evaluator.judged(harmful, None, "safety"),
-        evaluator.judged(benign, None, "refusal") if benign else [],
-    )
-    scores = [evaluator.score(c, harmful, benign, "all") for c in context_list]
-    return FlipRateResult(student, scores)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from flipsearch.contexts import context_from_arg
 from flipsearch.errors import FlipsearchError
-from flipsearch.prompts import builtin_prompts, load_prompts
+from flipsearch.session import Session
 
 TRL_PLACEMENT = "user_suffix"
 
@@ -33,12 +33,7 @@ def export_trl_sdft(
             f"self-distillation teacher uses {TRL_PLACEMENT!r}; search with that placement, or "
             "pass --force to export anyway"
         )
-    prompts = (
-        [p for s in prompt_sources for p in load_prompts(s)]
-        if prompt_sources
-        else builtin_prompts()
-    )
-    harmful = [p for p in prompts if p.kind == "harmful"][:limit]
+    harmful = Session(prompts=prompt_sources, limit=limit).harmful  # no model is loaded
     if not harmful:
         raise FlipsearchError("nothing to export: the prompt sets have no harmful prompts")
     out = Path(out)

@@ -22,7 +22,7 @@ from typing import Any
 
 from scipy.stats import binomtest, norm
 
-from flipsearch.backends import Generation
+from flipsearch.backends._base import Generation
 from flipsearch.contexts import Context
 from flipsearch.judging import Verdict
 from flipsearch.prompts import Prompt

@@ -6,13 +6,13 @@ and the placement) and has a stable id, a hash of its placement and text.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flipsearch.contexts import PLACEMENTS, Context, default_contexts_dir, read_yaml
+from flipsearch.contexts import PLACEMENTS, Context, default_contexts_dir
 from flipsearch.errors import FlipsearchError
+from flipsearch.io import read_yaml
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,8 @@ class Grammar:
             raise FlipsearchError(f"grammar: placement {placement!r} is not allowed")
         parts = [self.components[n].options[chosen[n]] for n in self.order if n in chosen]
         text = " ".join(part for part in parts if part)
-        if placement != "system":
-            text = f"({text})" if placement == "user_suffix" else text
-        digest = hashlib.sha256(f"{placement}\n{text}".encode()).hexdigest()[:10]
-        tags = tuple(f"{n}={chosen[n]}" for n in self._decision_order())
-        return Context(f"g-{digest}", text, placement, "grammar", tags)
+        tags = [f"{n}={chosen[n]}" for n in self._decision_order()]
+        return Context.composed(text, placement, "g", "grammar", tags)
 
     def suggest(self, trial: Any) -> Context:
         """Let an Optuna trial choose every active component (define-by-run, so branches work)."""

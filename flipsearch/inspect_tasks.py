@@ -38,14 +38,14 @@ from inspect_ai.scorer import Metric, SampleScore, Score, Scorer, Target, metric
 from inspect_ai.solver import Generate, Solver, TaskState, generate, solver
 from inspect_ai.tool import ToolChoice, ToolInfo
 
-from flipsearch.backends import Decoding, Generation, HFGenerator
-from flipsearch.cache import GenerationCache, generate_cached
-from flipsearch.contexts import PLACEMENTS, Context, context_from_arg
+from flipsearch.backends._base import Decoding, Generation
+from flipsearch.backends.cache import generate_cached
+from flipsearch.contexts import PLACEMENTS, Context, Renderer, context_from_arg, user_turn
 from flipsearch.errors import FlipsearchError
 from flipsearch.fliprate import Rate, paired_test
 from flipsearch.judging import JudgeSpec, Verdict, get_judge
-from flipsearch.models import LoadedModel, load_model
-from flipsearch.prompts import load_prompts
+from flipsearch.models import LoadedModel
+from flipsearch.session import Session
 
 SCORER = "flipsearch_judge"
 INVALID = "invalid"  # the score value of a response the judge could not decide
@@ -150,9 +150,11 @@ def flipsearch_judge(
 
 @solver
 def with_context(text: str, placement: str = "system") -> Solver:
-    """Put a privileged context into the chat exactly as flipsearch's teacher prompt does."""
+    """Put a privileged context into the chat exactly as flipsearch's teacher prompt does
+    (``contexts.user_turn`` is the one placement rule)."""
     if placement not in PLACEMENTS:
         raise FlipsearchError(f"unknown placement {placement!r}; choose {', '.join(PLACEMENTS)}")
+    context = Context.from_text(text, placement)
 
     async def solve(state: TaskState, generate: Generate) -> TaskState:
         if placement == "system":
@@ -161,9 +163,8 @@ def with_context(text: str, placement: str = "system") -> Solver:
         for index in range(len(state.messages) - 1, -1, -1):
             message = state.messages[index]
             if isinstance(message, ChatMessageUser):
-                prompt = message.text
-                parts = (text, prompt) if placement == "user_prefix" else (prompt, text)
-                state.messages[index] = ChatMessageUser(content="\n\n".join(parts))
+                content = user_turn(message.text, context)
+                state.messages[index] = ChatMessageUser(content=content)
                 return state
         raise FlipsearchError("the sample has no user message to attach the context to")
 
@@ -190,7 +191,7 @@ def unsafe_rate(
     ``prompts`` is any flipsearch prompt source; default: the shipped set of that kind.
     """
     prompts = prompts or f"builtin:{kind}"
-    chosen = [p for p in load_prompts(prompts) if p.kind == kind][:limit]
+    chosen = Session.of_kind(kind, Session(prompts=prompts).prompts)[:limit]
     if not chosen:
         raise FlipsearchError(f"{prompts}: no {kind} prompts")
     solvers: list[Solver] = []
@@ -324,10 +325,12 @@ class FlipsearchModel(ModelAPI):
         super().__init__(model_name, base_url, api_key, [], config or GenerateConfig())
         if model_args:
             raise FlipsearchError(f"unknown flipsearch model args: {', '.join(model_args)}")
-        self.loaded = loaded or load_model(model_name, device=device, dtype=dtype)
-        self.generator = HFGenerator(self.loaded, batch_size=batch_size)
-        self.cache = GenerationCache(cache) if cache else None
+        session = Session(
+            model=loaded or model_name, device=device, dtype=dtype, batch_size=batch_size, cache=cache
+        )
+        self.loaded, self.generator, self.cache = session.loaded, session.generator, session.cache
         self.batch_size = batch_size
+        self.renderer = Renderer(self.loaded.tokenizer, max_new_tokens=1)
         self._pending: list[tuple[str, Decoding, asyncio.Future[Generation]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -344,9 +347,7 @@ class FlipsearchModel(ModelAPI):
         if tools:
             raise FlipsearchError("the flipsearch model API does not support tools")
         messages = [{"role": m.role, "content": m.text} for m in input]
-        rendered: str = self.loaded.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        rendered = self.renderer.render_chat(messages)
         decoding = Decoding(
             max_new_tokens=config.max_tokens or 128,
             temperature=config.temperature or 0.0,

@@ -26,60 +26,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flipsearch.backends import Decoding, HFGenerator
+from flipsearch.backends._base import Decoding
+from flipsearch.backends.hf import HFGenerator
+from flipsearch.config import TrainConfig
 from flipsearch.contexts import Context, Renderer, context_from_arg
 from flipsearch.errors import FlipsearchError
-from flipsearch.models import LoadedModel, load_model
-from flipsearch.prompts import Prompt, builtin_prompts, load_prompts
+from flipsearch.models import LoadedModel
+from flipsearch.prompts import Prompt
+from flipsearch.scoring import reverse_kl
+from flipsearch.session import Session
 
 KL_POSITIONS = 64
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; saved as ``train_config.json``."""
-
-    context: str = "best_context.yaml"  # a context YAML (id, placement, text) or the text
-    out: str = "runs/train"
-    model: str = "smollm2-135m"
-    prompts: list[str] = field(default_factory=list)  # default: the shipped sets
-    benign_context: str | None = None  # None: benign prompts use no context (anchor)
-    mode: str = "onpolicy"  # onpolicy | offpolicy
-    steps: int = 20
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-5
-    warmup_steps: int = 2
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
-    divergence: str = "reverse"  # reverse | forward | mixed
-    alpha: float = 0.5  # mixed: weight of the teacher in the generalised JSD
-    support: str = "full"  # full | topk | sampled
-    top_k: int = 20
-    chunk_tokens: int = 256  # response tokens per logits chunk (bounds vocabulary x length)
-    harmful_fraction: float = 0.5
-    limit: int | None = None
-    seed: int = 0
-    checkpoint_every: int = 10
-    eval_limit: int = 32
-    dtype: str = "auto"  # autocast dtype for forward passes; weights stay fp32
-
-    def __post_init__(self) -> None:
-        checks = {
-            "mode": (self.mode, ("onpolicy", "offpolicy")),
-            "divergence": (self.divergence, ("reverse", "forward", "mixed")),
-            "support": (self.support, ("full", "topk", "sampled")),
-        }
-        for name, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise FlipsearchError(f"--{name} must be one of {allowed}, got {value!r}")
-        if not 0 <= self.alpha <= 1 or not 0 <= self.harmful_fraction <= 1:
-            raise FlipsearchError("--alpha and --harmful-fraction must be in [0, 1]")
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise FlipsearchError("--steps, --batch-size and --grad-accum must be at least 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +62,7 @@ def token_divergence(
     log_s = F.log_softmax(student_logits.float(), dim=-1)
     log_t = F.log_softmax(teacher_logits.float(), dim=-1)
     with torch.no_grad():
-        kl = (log_s.exp() * (log_s - log_t)).sum(-1)
+        kl = reverse_kl(log_s, log_t)
     if support == "sampled":
         if divergence != "reverse":
             raise FlipsearchError("the sampled-token estimator is for the reverse KL only")
@@ -116,19 +73,16 @@ def token_divergence(
     if support == "topk":
         index = log_t.topk(min(top_k, log_t.shape[-1]), dim=-1).indices
         log_s, log_t = _with_tail(log_s.gather(-1, index)), _with_tail(log_t.gather(-1, index))
-    p_s, p_t = log_s.exp(), log_t.exp()
     if divergence == "reverse":
-        loss = (p_s * (log_s - log_t)).sum(-1)
+        loss = reverse_kl(log_s, log_t)
     elif divergence == "forward":
-        loss = (p_t * (log_t - log_s)).sum(-1)
+        loss = reverse_kl(log_t, log_s)  # KL(teacher || student)
     else:  # generalised Jensen-Shannon: alpha KL(t || m) + (1 - alpha) KL(s || m)
         log_m = torch.logsumexp(
             torch.stack([log_t + math.log(alpha + 1e-12), log_s + math.log(1 - alpha + 1e-12)]),
             dim=0,
         )
-        loss = alpha * (p_t * (log_t - log_m)).sum(-1) + (1 - alpha) * (p_s * (log_s - log_m)).sum(
-            -1
-        )
+        loss = alpha * reverse_kl(log_t, log_m) + (1 - alpha) * reverse_kl(log_s, log_m)
     return loss, kl
 
 
@@ -248,14 +202,21 @@ def sft_loss(
 # The loop
 
 
-def _lr_lambda(config: TrainConfig) -> Any:
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def _schedule(optimizer: Any, config: TrainConfig) -> Any:
+    """Linear warm-up, then cosine decay (transformers' schedule).
 
-    return factor
+    Its warm-up starts at 0, which would spend the first step at no learning rate; the
+    schedule is therefore started one step in (``last_epoch=0``): step ``k`` trains at the
+    factor of ``k + 1``, and the horizon is ``steps + 1`` so the last step is not at 0 either.
+    The scheduler's state is checkpointed, so a resumed run continues exactly.
+    """
+    from transformers import get_cosine_schedule_with_warmup
+
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return get_cosine_schedule_with_warmup(
+        optimizer, config.warmup_steps, config.steps + 1, last_epoch=0
+    )
 
 
 def _autocast_dtype(loaded: LoadedModel, dtype: str) -> Any:
@@ -282,21 +243,26 @@ class Trainer:
         self.benign_context = (
             context_from_arg(config.benign_context) if config.benign_context else None
         )
-        prompts = (
-            [p for s in config.prompts for p in load_prompts(s)]
-            if config.prompts
-            else builtin_prompts()
+        # One session: the run's prompt sets, model and judges (for the evaluation).
+        self.session = Session(
+            model=loaded if loaded is not None else config.model,
+            prompts=config.prompts,
+            dtype="fp32",
+            judge=config.judge,
+            refusal_judge=config.refusal_judge,
+            judge_model=config.judge_model,
         )
         limit = config.limit
-        self.harmful = [p for p in prompts if p.kind == "harmful"][:limit]
-        self.benign = [p for p in prompts if p.kind == "benign"][:limit]
+        self.harmful = self.session.harmful[:limit]
+        self.benign = self.session.benign[:limit]
         if not self.harmful:
             raise FlipsearchError("training needs harmful prompts; the prompt sets have none")
         if config.harmful_fraction < 1 and not self.benign:
             raise FlipsearchError(
                 "training with benign prompts needs some (or --harmful-fraction 1)"
             )
-        self.loaded = loaded or load_model(config.model, dtype="fp32")
+        self.session.judge("safety"), self.session.judge("refusal")  # fail before loading
+        self.loaded = self.session.loaded
         self.model = self.loaded.model
         self.model.float().train()
         self.tokenizer = self.loaded.tokenizer
@@ -308,7 +274,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
+        self.scheduler = _schedule(self.optimizer, config)
         self.rng = random.Random(config.seed)
         self.step = 0
         self.eos = self.tokenizer.eos_token_id
@@ -531,15 +497,7 @@ def train(
     (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
     trainer.harmful, holdout = split_for_training(trainer.harmful, config.seed)
     trainer.benign, benign_holdout = split_for_training(trainer.benign, config.seed)
-    reasoning = [
-        p
-        for p in (
-            builtin_prompts()
-            if not config.prompts
-            else [q for s in config.prompts for q in load_prompts(s)]
-        )
-        if p.kind == "reasoning"
-    ][: config.eval_limit]
+    reasoning = trainer.session.reasoning[: config.eval_limit]
     evaluation = {
         "harmful": holdout[: config.eval_limit],
         "benign": benign_holdout[: config.eval_limit],
@@ -556,7 +514,7 @@ def train(
     if "before" not in summary:
         with console.status("evaluating the student before training"):
             summary["before"] = evaluate_student(
-                trainer.loaded, trainer.teacher, evaluation, config.max_new_tokens
+                trainer.loaded, trainer.teacher, evaluation, config.max_new_tokens, trainer.session
             )
         summary_path.write_text(json.dumps(summary, indent=2))
     from rich.progress import Progress
@@ -578,7 +536,7 @@ def train(
     trainer.tokenizer.save_pretrained(out / "final")
     with console.status("evaluating the student after training"):
         summary["after"] = evaluate_student(
-            trainer.loaded, trainer.teacher, evaluation, config.max_new_tokens
+            trainer.loaded, trainer.teacher, evaluation, config.max_new_tokens, trainer.session
         )
     summary.update(steps=trainer.step, mode=config.mode, context=trainer.context.to_dict())
     summary_path.write_text(json.dumps(summary, indent=2))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -13,6 +11,7 @@ from typing import Any
 
 from flipsearch._resources import data_path
 from flipsearch.errors import FlipsearchError
+from flipsearch.io import read_table
 
 KINDS = ("harmful", "benign", "reasoning")
 BUILTIN_SETS = ("harmful", "benign", "reasoning")
@@ -51,62 +50,13 @@ def load_prompts(source: str | Path, kind: str | None = None) -> list[Prompt]:
     path = Path(source)
     if not path.is_file():
         raise FlipsearchError(f"prompt file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix in {".jsonl", ".json", ".ndjson"}:
-        rows = _read_jsonl(path)
-    elif suffix == ".csv":
-        rows = _read_csv(path)
-    elif suffix == ".parquet":
-        rows = _read_parquet(path)
-    else:
-        raise FlipsearchError(
-            f"{path}: unsupported prompt file type {suffix!r} (jsonl, csv, parquet)"
-        )
+    rows = read_table(path, "prompt file")
     return _from_rows(rows, str(path), kind)
 
 
 def builtin_prompts() -> list[Prompt]:
     """The team-written harmful, benign and reasoning sets shipped with flipsearch."""
     return [p for name in BUILTIN_SETS for p in load_prompts(f"builtin:{name}")]
-
-
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FlipsearchError(f"{path}:{number}: malformed JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise FlipsearchError(f"{path}:{number}: expected a JSON object per line")
-            rows.append((number, row))
-    return rows
-
-
-def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    try:
-        with path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            # Line numbers count the header as line 1, as an editor would.
-            return [(reader.line_num, dict(row)) for row in reader]
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise FlipsearchError(f"{path}: malformed CSV ({exc})") from exc
-
-
-def _read_parquet(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    import pandas as pd
-
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several unrelated types for a bad file
-        raise FlipsearchError(f"{path}: cannot read Parquet ({exc})") from exc
-    return [
-        (i + 1, {str(k): v for k, v in row.items()})
-        for i, row in enumerate(frame.to_dict(orient="records"))
-    ]
 
 
 def _read_datasets(spec: str) -> list[tuple[int, dict[str, Any]]]:

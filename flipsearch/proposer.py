@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from flipsearch.backends import Decoding, Generator, HFGenerator
-from flipsearch.contexts import Context
+from flipsearch.backends._base import Decoding, Generator
+from flipsearch.backends.hf import HFGenerator
+from flipsearch.contexts import Context, Renderer
 from flipsearch.models import LoadedModel
 
 _INSTRUCTION = (
@@ -59,18 +59,10 @@ class Proposer:
 
     def propose(self, rows: Sequence[dict[str, Any]], placement: str, seed: int) -> Context | None:
         messages = [{"role": "user", "content": proposal_prompt(rows)}]
-        rendered = self.loaded.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        chats = getattr(self.generator, "chats", None)
-        if chats is not None:  # an openai chat endpoint sends the messages themselves
-            chats[rendered] = messages
+        rendered = Renderer(self.loaded.tokenizer, self.max_new_tokens).render_chat(messages)
         decoding = Decoding(self.max_new_tokens, temperature=0.9, top_p=0.95, seed=seed)
         [(_, [[generation]])] = list(self.generator.generate_batches([rendered], decoding))
         text = clean_proposal(generation.text)
         if text is None:
             return None
-        if placement == "user_suffix":
-            text = f"({text})"
-        digest = hashlib.sha256(f"{placement}\n{text}".encode()).hexdigest()[:10]
-        return Context(f"p-{digest}", text, placement, "proposer", ("proposed",))
+        return Context.composed(text, placement, "p", "proposer", ("proposed",))

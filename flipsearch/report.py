@@ -51,7 +51,7 @@ def render_report(run_dir: str | Path, templates: str | Path | None = None) -> P
     )
     html = env.get_template("report.html.j2").render(
         info=info,
-        config=info.get("config", {}),
+        config=_flat_config(info.get("config", {})),
         winner=winner,
         best_context=best_context,
         leaderboard=leaderboard.to_dict(orient="records"),
@@ -94,6 +94,17 @@ def render_report(run_dir: str | Path, templates: str | Path | None = None) -> P
         ]
     ).to_csv(run_dir / "categories.csv", index=False)
     return path
+
+
+def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
+    """Settings by name, whether ``run.json`` holds them in sections or flat (older runs)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key != "vllm_args":
+            flat.update(_flat_config(value))
+        else:
+            flat[key] = value
+    return flat
 
 
 def _read_json(path: Path) -> Any:

@@ -1,8 +1,9 @@
-"""``flipsearch run`` and ``flipsearch score``: one run directory from prompts to report.
+"""``flipsearch run`` and ``flipsearch score`` (and ``flip_rate``): prompts to report.
 
 Data flow (DESIGN.md): student baseline → every candidate context scored on the search split →
-the top-k re-scored on the held-out split → winner → files and report. Every generation goes
-through the run's cache, so re-running the same command resumes and generates nothing twice.
+the top-k re-scored on the held-out split → winner → files and report. A ``Session`` builds the
+parts; every generation goes through the run's cache, so re-running the same command resumes
+and generates nothing twice.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,113 +21,37 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from flipsearch.backends import BackendSpec, Decoding, make_backend
-from flipsearch.cache import GenerationCache
-from flipsearch.contexts import Context, load_contexts
+from flipsearch.backends import BackendSpec
+from flipsearch.backends._base import Decoding
+from flipsearch.backends.cache import GenerationCache
+from flipsearch.config import RunConfig
+from flipsearch.contexts import Context, context_from_arg, load_contexts
 from flipsearch.errors import FlipsearchError
-from flipsearch.evaluate import Evaluator, StudentBaseline
-from flipsearch.fliprate import ContextScore, Judged, compare, paired_test
+from flipsearch.evaluate import Evaluator, FlipRateResult, StudentBaseline
+from flipsearch.fliprate import ContextScore, Judged
 from flipsearch.grammar import load_grammar
-from flipsearch.judging import JudgeSpec, get_judge
-from flipsearch.labelled import read_judge_metrics, rogan_gladen
+from flipsearch.io import write_atomic
+from flipsearch.judging import JudgeSpec
+from flipsearch.judging.agreement import read_judge_metrics
+from flipsearch.leaderboard import Row, add_corrected_rates, pick_winner, rank, to_frame
 from flipsearch.models import LoadedModel, load_model
-from flipsearch.prompts import Prompt, builtin_prompts, load_prompts, split_harmful
+from flipsearch.prompts import Prompt, split_harmful
 from flipsearch.proposer import Proposer
 from flipsearch.scoring import analyse_context
 from flipsearch.search import (
     ContextObjective,
-    SearchSettings,
-    context_of,
     enqueue_seeds,
     finished_trials,
     open_storage,
     open_study,
     recover_stale_trials,
     redacted_url,
-    score_row,
     study_exists,
     trial_rows,
 )
+from flipsearch.session import PromptSource, Session
 
-
-@dataclass
-class RunConfig:
-    """Everything a run depends on; saved as ``run.json`` in the run directory."""
-
-    out: str = "runs/default"
-    model: str = "smollm2-135m"
-    prompts: list[str] = field(default_factory=list)  # empty: the shipped sets
-    contexts: str | None = None  # a directory or file; None: the shipped seed library
-    judge: str = "refusal"
-    refusal_judge: str = "refusal"
-    judge_model: str | None = None  # the llama-guard judge's weights (path or hub id)
-    judge_metrics: str | None = None  # `flipsearch judge eval --json` output: corrected rates
-    max_new_tokens: int = 48
-    temperature: float = 0.0
-    top_p: float = 1.0
-    samples: int = 1
-    seed: int = 0
-    limit: int | None = None
-    holdout_fraction: float = 0.3
-    top_k: int = 3
-    max_benign_refusal: float = 0.5
-    batch_size: int = 64
-    device: str = "auto"
-    dtype: str = "auto"
-    analysis_prompts: int = 16  # student-unsafe answers analysed token by token for the report
-    # The search (flipsearch run); trials = 0 scores every seed context exhaustively instead.
-    trials: int = 40
-    timeout: float | None = None
-    storage: str | None = None  # default: a journal file in the run directory
-    study: str = "flipsearch"
-    multi_objective: bool = False
-    sampler: str = "tpe"
-    proposer: str | None = None
-    propose_every: int = 5
-    prune_every: int = 8
-    p_threshold: float = 0.1
-    grammar: str | None = None  # default: grammar.yaml of the contexts folder, else the shipped one
-    # Where generation runs: hf (in this process), vllm (offline engine), openai (servers).
-    backend: str = "hf"
-    base_url: list[str] = field(default_factory=list)  # openai: repeat for round-robin
-    served_model: str | None = None  # openai: the server's name for the model (default: model)
-    api_key_env: str = "OPENAI_API_KEY"  # the variable's name is stored, never its value
-    openai_endpoint: str = "completions"
-    max_in_flight: int = 32
-    request_timeout: float = 300.0
-    request_retries: int = 4
-    vllm_args: dict[str, Any] = field(default_factory=dict)  # vllm: extra LLM(...) arguments
-
-    def search_settings(self) -> SearchSettings:
-        return SearchSettings(
-            self.trials,
-            self.timeout,
-            self.storage,
-            self.study,
-            self.max_benign_refusal,
-            self.multi_objective,
-            self.sampler,
-            self.prune_every,
-            self.p_threshold,
-            self.seed,
-        )
-
-    @property
-    def decoding(self) -> Decoding:
-        return Decoding(self.max_new_tokens, self.temperature, self.top_p, self.samples, self.seed)
-
-    def backend_spec(self) -> BackendSpec:
-        return BackendSpec(
-            self.backend,
-            tuple(self.base_url),
-            self.served_model,
-            self.api_key_env,
-            self.openai_endpoint,
-            self.max_in_flight,
-            self.request_timeout,
-            self.request_retries,
-            dict(self.vllm_args),
-        )
+__all__ = ["RunConfig", "RunResult", "flip_rate", "run", "search"]
 
 
 @dataclass
@@ -185,25 +110,11 @@ def make_progress(console: Console) -> Progress:
     )
 
 
-def load_run_prompts(config: RunConfig) -> list[Prompt]:
-    prompts = (
-        [p for source in config.prompts for p in load_prompts(source)]
-        if config.prompts
-        else builtin_prompts()
-    )
-    seen: set[str] = set()
-    for prompt in prompts:
-        if prompt.id in seen:
-            raise FlipsearchError(f"prompt id {prompt.id!r} appears in more than one prompt file")
-        seen.add(prompt.id)
-    if config.limit is not None:
-        if config.limit < 1:
-            raise FlipsearchError("--limit must be at least 1")
-        kept: list[Prompt] = []
-        for kind in ("harmful", "benign", "reasoning"):
-            kept.extend([p for p in prompts if p.kind == kind][: config.limit])
-        prompts = kept
-    return prompts
+@dataclass
+class _Splits:
+    search: list[Prompt]
+    holdout: list[Prompt]
+    benign: list[Prompt]
 
 
 def run(
@@ -224,154 +135,203 @@ def run(
     ``config.json``.
     """
     console = console or Console(stderr=True)
-    config = replace(
-        config,
-        model=model.name if model is not None else config.model,
-        judge=_judge_name(judge) if judge is not None else config.judge,
-        refusal_judge=_judge_name(refusal_judge)
-        if refusal_judge is not None
-        else config.refusal_judge,
-    )
+    config = _named(config, model, judge, refusal_judge)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    if contexts is not None:
-        candidates = list(contexts)
-    elif seeds is not None:
-        candidates = list(seeds)
-    else:
+    candidates = list(contexts if contexts is not None else seeds or [])
+    if contexts is None and seeds is None:
         candidates = load_contexts(config.contexts)
     if not candidates:
         raise FlipsearchError("no contexts to score or search from")
-    prompts = load_run_prompts(config)
-    harmful = [p for p in prompts if p.kind == "harmful"]
-    benign = [p for p in prompts if p.kind == "benign"]
+    session = Session.from_config(
+        config, model=model, judge=judge, refusal_judge=refusal_judge, console=console
+    )
+    splits = _splits(session, config)
+    session.judge("safety"), session.judge("refusal")  # a bad judge fails before the model loads
+    metrics = config.judges.judge_metrics
+    correction = read_judge_metrics(metrics) if metrics else None
+    write_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2))
+    with session:
+        cached_before = len(session.cache) if session.cache is not None else 0
+        with make_progress(console) as progress:
+            evaluator = session.evaluator(progress)
+            measured = _measure(config, session, evaluator, candidates, splits, progress, contexts)
+        result = _finish(config, session, evaluator, measured, splits, correction, console)
+        result.info.update(
+            contexts=len(candidates),
+            cached_before=cached_before,
+            seconds=round(time.time() - started, 1),
+        )
+        write_run_files(result, config)
+    return result
+
+
+def _named(
+    config: RunConfig,
+    model: LoadedModel | None,
+    judge: JudgeSpec | None,
+    refusal_judge: JudgeSpec | None,
+) -> RunConfig:
+    """The config as recorded: objects given to ``run`` are named in it."""
+    judges = replace(
+        config.judges,
+        judge=_judge_name(judge) if judge is not None else config.judges.judge,
+        refusal_judge=_judge_name(refusal_judge)
+        if refusal_judge is not None
+        else config.judges.refusal_judge,
+    )
+    return replace(config, model=model.name if model is not None else config.model, judges=judges)
+
+
+def _splits(session: Session, config: RunConfig) -> _Splits:
+    harmful = session.harmful
     if not harmful:
         raise FlipsearchError("the prompt sets hold no harmful prompts; flip rates need them")
-    search_split, holdout_split = split_harmful(harmful, config.holdout_fraction, config.seed)
-    decoding = config.decoding
-    safety_judge = get_judge(
-        judge if judge is not None else config.judge, "safety", config.judge_model
-    )
-    benign_judge = get_judge(
-        refusal_judge if refusal_judge is not None else config.refusal_judge,
-        "refusal",
-        config.judge_model,
-    )
-    correction = read_judge_metrics(config.judge_metrics) if config.judge_metrics else None
-    backend = config.backend_spec()
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    search_split, holdout = split_harmful(harmful, config.selection.holdout_fraction, config.seed)
+    return _Splits(search_split, holdout, session.benign)
 
-    if model is not None:
-        loaded = model
+
+@dataclass
+class _Measured:
+    student_search: StudentBaseline
+    student_holdout: StudentBaseline
+    ranked: list[Row]
+    search: list[ContextScore]
+    holdout: list[ContextScore]
+    study_info: dict[str, Any]
+
+
+def _measure(
+    config: RunConfig,
+    session: Session,
+    evaluator: Evaluator,
+    candidates: list[Context],
+    splits: _Splits,
+    progress: Progress,
+    given: Sequence[Context] | None,
+) -> _Measured:
+    """The student baseline, the contexts (scored, or searched), then the finalists."""
+    evaluator.prefetch([*splits.search, *splits.holdout, *splits.benign], None)
+    student_search = StudentBaseline(
+        evaluator.judged(splits.search, None, "safety"),
+        evaluator.judged(splits.benign, None, "refusal") if splits.benign else [],
+    )
+    student_holdout = StudentBaseline(evaluator.judged(splits.holdout, None, "safety"), [])
+    study_info: dict[str, Any] = {}
+    if given is not None or config.search.trials == 0:
+        overall = progress.add_task("contexts on the search split", total=len(candidates))
+        rows = []
+        for context in candidates:
+            rows.append(Row.of_score(evaluator.score(context, splits.search, splits.benign, "search")))
+            progress.advance(overall)
     else:
-        with console.status(f"loading model {config.model}"):
-            loaded = load_model(
-                config.model, config.device, config.dtype, weights=backend.needs_weights
+        rows, study_info = _search(config, session, evaluator, candidates, splits, progress)
+    limit = config.selection.max_benign_refusal
+    ranked = rank(rows, limit)
+    finalists = [r.context for r in ranked if r.state == "complete"][: config.selection.top_k]
+    task = progress.add_task("top contexts on both splits", total=len(finalists))
+    search, holdout = [], []
+    for context in finalists:
+        search.append(evaluator.score(context, splits.search, splits.benign, "search"))
+        if splits.holdout:
+            holdout.append(evaluator.score(context, splits.holdout, [], "holdout"))
+        progress.advance(task)
+    if search:  # finalists now have every benign prompt measured: their rows say so
+        rescored = {s.context.id: Row.of_score(s) for s in search}
+        rows = [
+            replace(
+                rescored[r.context.id],
+                trial=r.trial,
+                source=r.source,
+                teacher_generations=r.teacher_generations,
+                pareto=r.pareto,
             )
-    with console.status(f"starting the {backend.name} backend"):
-        generator, scorer = make_backend(backend, loaded, config.batch_size)
-    cache = GenerationCache(out / "generations.sqlite")
-    cached_before = len(cache)
-    with make_progress(console) as progress:
-        evaluator = Evaluator(
-            loaded,
-            safety_judge,
-            benign_judge,
-            decoding,
-            cache,
-            config.batch_size,
-            generator=generator,
-            progress=progress,
-        )
-        evaluator.prefetch([*search_split, *holdout_split, *benign], None)
-        student_search = StudentBaseline(
-            evaluator.judged(search_split, None, "safety"),
-            evaluator.judged(benign, None, "refusal") if benign else [],
-        )
-        student_holdout = StudentBaseline(evaluator.judged(holdout_split, None, "safety"), [])
-        study_info: dict[str, Any] = {}
-        if contexts is not None or config.trials == 0:
-            overall = progress.add_task("contexts on the search split", total=len(candidates))
-            rows = []
-            for context in candidates:
-                rows.append(score_row(evaluator.score(context, search_split, benign, "search")))
-                progress.advance(overall)
-        else:
-            rows, study_info = _search(
-                config, out, evaluator, candidates, search_split, benign, loaded, progress
-            )
-        ranked = rank_rows(rows, config.max_benign_refusal)
-        finalists = [context_of(r) for r in ranked if r["state"] == "complete"][: config.top_k]
-        task = progress.add_task("top contexts on both splits", total=len(finalists))
-        search, holdout = [], []
-        for context in finalists:
-            search.append(evaluator.score(context, search_split, benign, "search"))
-            if holdout_split:
-                holdout.append(evaluator.score(context, holdout_split, [], "holdout"))
-            progress.advance(task)
-        if search:  # finalists now have every benign prompt measured: their rows say so
-            rescored = {s.context.id: score_row(s) for s in search}
-            rows = [{**r, **rescored.get(r["context"], {})} for r in rows]
-            ranked = rank_rows(rows, config.max_benign_refusal)
-    winner = _pick_winner(search, holdout, config.max_benign_refusal)
-    leaderboard = build_leaderboard(ranked, holdout, config.max_benign_refusal)
+            if r.context.id in rescored
+            else r
+            for r in rows
+        ]
+        ranked = rank(rows, limit)
+    return _Measured(student_search, student_holdout, ranked, search, holdout, study_info)
+
+
+def _finish(
+    config: RunConfig,
+    session: Session,
+    evaluator: Evaluator,
+    measured: _Measured,
+    splits: _Splits,
+    correction: dict[str, float] | None,
+    console: Console,
+) -> RunResult:
+    """The winner, the leaderboard, the token-level analysis and the run's facts."""
+    limit = config.selection.max_benign_refusal
+    winner = pick_winner(measured.search, measured.holdout, limit)
+    leaderboard = to_frame(measured.ranked, measured.holdout, limit)
     if correction is not None:
         add_corrected_rates(leaderboard, **correction)
-    token_analysis = "none (no winner)"
-    if winner is not None:
-        try:
-            with console.status("token-level analysis of the winner"):
-                analysis = analyse_context(
-                    loaded,
-                    winner,
-                    limit=config.analysis_prompts,
-                    scorer=None if backend.name == "hf" else scorer,
-                )
-        except FlipsearchError as exc:
-            if backend.name == "hf":
-                raise
-            # A server that cannot score (chat-only) still gives every rate; say what is missing.
-            token_analysis = f"skipped: {exc}"
-            console.print(f"[yellow]token-level analysis {token_analysis}[/yellow]")
-        else:
-            token_analysis = analysis["divergence"]
-            _write_atomic(out / "token_kl.json", json.dumps(analysis))
+    token_analysis = _token_analysis(config, session, winner, console)
+    loaded = session.loaded
+    example = (winner or measured.search[0]).context if measured.search else None
     info = {
         "flipsearch_version": _version(),
         "model": config.model,
         "model_fingerprint": loaded.fingerprint,
-        "backend": backend.name,
+        "backend": session.backend.name,
         "token_analysis": token_analysis,
-        "generator_fingerprint": generator.fingerprint,
+        "generator_fingerprint": session.generator.fingerprint,
         "dtype": loaded.dtype,
-        "device": str(loaded.model.device) if loaded.model is not None else backend.name,
+        "device": str(loaded.model.device) if loaded.model is not None else session.backend.name,
         "python": platform.python_version(),
         "torch": _package_version("torch"),
         "transformers": _package_version("transformers"),
         "prompt_counts": {
-            "harmful_search": len(search_split),
-            "harmful_holdout": len(holdout_split),
-            "benign": len(benign),
+            "harmful_search": len(splits.search),
+            "harmful_holdout": len(splits.holdout),
+            "benign": len(splits.benign),
         },
-        "contexts": len(candidates),
         "generated": dict(evaluator.generated),
-        "cached_before": cached_before,
-        "seconds": round(time.time() - started, 1),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "student_prompt_example": evaluator.renderer.render(search_split[0].text, None),
-        "teacher_prompt_example": evaluator.renderer.render(
-            search_split[0].text, (winner or search[0]).context
-        ),
+        "student_prompt_example": evaluator.renderer.render(splits.search[0].text, None),
+        "teacher_prompt_example": evaluator.renderer.render(splits.search[0].text, example),
         "winner": winner.context.id if winner else None,
-        **study_info,
+        **measured.study_info,
     }
-    result = RunResult(
-        out, student_search, student_holdout, search, holdout, leaderboard, winner, info
+    return RunResult(
+        Path(config.out),
+        measured.student_search,
+        measured.student_holdout,
+        measured.search,
+        measured.holdout,
+        leaderboard,
+        winner,
+        info,
     )
-    write_run_files(result, config)
-    cache.close()
-    return result
+
+
+def _token_analysis(
+    config: RunConfig, session: Session, winner: ContextScore | None, console: Console
+) -> str:
+    """KL by token position for the winner (``token_kl.json``); returns what was measured."""
+    if winner is None:
+        return "none (no winner)"
+    local = session.backend.name == "hf"
+    try:
+        with console.status("token-level analysis of the winner"):
+            analysis = analyse_context(
+                session.loaded,
+                winner,
+                limit=config.selection.analysis_prompts,
+                scorer=None if local else session.scorer,
+            )
+    except FlipsearchError as exc:
+        if local:
+            raise
+        # A server that cannot score (chat-only) still gives every rate; say what is missing.
+        console.print(f"[yellow]token-level analysis skipped: {exc}[/yellow]")
+        return f"skipped: {exc}"
+    write_atomic(Path(config.out) / "token_kl.json", json.dumps(analysis))
+    return str(analysis["divergence"])
 
 
 def _judge_name(judge: JudgeSpec) -> str:
@@ -416,9 +376,6 @@ def search(
         A ``RunResult``: ``.winner``, ``.to_pandas()`` (the leaderboard with counts and 95%
         intervals), ``.to_dict()``, and ``.report_path``.
     """
-    unknown = set(settings) - {f.name for f in fields(RunConfig)}
-    if unknown:
-        raise FlipsearchError(f"unknown search settings: {', '.join(sorted(unknown))}")
     seeds: list[Context] | None = None
     if isinstance(contexts, str | Path):
         settings["contexts"] = str(contexts)
@@ -443,26 +400,96 @@ def search(
     )
 
 
+def flip_rate(
+    model: str | LoadedModel = "smollm2-135m",
+    contexts: Sequence[Context | str] | str | Path | None = None,
+    prompts: PromptSource = None,
+    judge: JudgeSpec = "refusal",
+    refusal_judge: JudgeSpec = "refusal",
+    decoding: Decoding | None = None,
+    cache: str | Path | GenerationCache | None = None,
+    batch_size: int = 64,
+    backend: BackendSpec | str = "hf",
+) -> FlipRateResult:
+    """Measure the teacher flip rate of each context on a model's own unsafe answers.
+
+    Args:
+        model: a model name (``smollm2-135m``, a local directory, a hub id) or a
+            ``LoadedModel`` (``LoadedModel.from_objects(model, tokenizer)`` wraps objects you
+            already loaded, without a second copy).
+        contexts: ``Context`` objects or strings (a YAML file path or the context text itself,
+            placed as a system message), or a directory of seed files; default: the shipped
+            seed library.
+        prompts: ``Prompt`` objects or a prompt file; harmful prompts give flip rates, benign
+            prompts give benign refusal, reasoning prompts are ignored. Default: shipped sets.
+        judge: the safety judge: a name (``refusal``, ``llama-guard``, ``classifier``,
+            ``ensemble:...``), an object with ``judge(pairs) -> list[Verdict]``, or any
+            callable ``(prompt, response) -> bool | Verdict`` (True: unsafe).
+        refusal_judge: the judge that decides whether a benign answer is a refusal (a name,
+            a Judge, or a callable returning True for a refusal).
+        decoding: greedy by default; ``Decoding(temperature=0.7, samples=4)`` samples.
+        cache: a SQLite file (or ``GenerationCache``) so repeated calls generate nothing twice.
+        backend: ``"hf"`` (default), ``"vllm"``, or a ``BackendSpec`` (e.g.
+            ``BackendSpec("openai", base_url=("http://host:8000/v1",))``).
+
+    Returns:
+        A ``FlipRateResult``: ``.to_pandas()`` gives flip rate, absolute flip rate, unflip rate
+        and benign refusal per context, each with its count and 95% Wilson interval.
+    """
+    session = Session(
+        model=model,
+        prompts=prompts,
+        decoding=decoding,
+        backend=backend,
+        batch_size=batch_size,
+        judge=judge,
+        refusal_judge=refusal_judge,
+        cache=cache,
+    )
+    harmful, benign = session.harmful, session.benign
+    if not harmful:
+        raise FlipsearchError("flip rates need harmful prompts; the prompt set has none")
+    context_list = _contexts(contexts)
+    evaluator = session.evaluator()
+    student = StudentBaseline(
+        evaluator.judged(harmful, None, "safety"),
+        evaluator.judged(benign, None, "refusal") if benign else [],
+    )
+    scores = [evaluator.score(c, harmful, benign, "all") for c in context_list]
+    return FlipRateResult(student, scores)
+
+
+def _contexts(contexts: Sequence[Context | str] | str | Path | None) -> list[Context]:
+    """Contexts given as objects, texts, a YAML file, or a directory of them."""
+    if (
+        contexts is None
+        or isinstance(contexts, Path)
+        or (isinstance(contexts, str) and Path(contexts).is_dir())
+    ):
+        return load_contexts(contexts)
+    if isinstance(contexts, str):
+        return [context_from_arg(contexts)]
+    return [c if isinstance(c, Context) else context_from_arg(c) for c in contexts]
+
+
 def _search(
     config: RunConfig,
-    out: Path,
+    session: Session,
     evaluator: Evaluator,
     seeds: list[Context],
-    search_split: list[Prompt],
-    benign: list[Prompt],
-    loaded: Any,
+    splits: _Splits,
     progress: Progress,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[list[Row], dict[str, Any]]:
     """Run (or resume, or join) the study; returns its rows and facts for run.json."""
     settings = config.search_settings()
-    grammar = load_grammar(config.grammar or _grammar_beside(config.contexts))
-    storage = open_storage(settings.storage, out)
+    grammar = load_grammar(config.search.grammar or _grammar_beside(config.contexts))
+    storage = open_storage(settings.storage, Path(config.out))
     objective = ContextObjective(
         evaluator,
         seeds,
         grammar,
-        search_split,
-        benign,
+        splits.search,
+        splits.benign,
         settings,
         on_trial=lambda: progress.update(
             task, completed=min(finished_trials(study), settings.trials)
@@ -480,39 +507,46 @@ def _search(
         total=settings.trials,
         completed=min(finished_trials(study), settings.trials),
     )
-    proposer = None
-    if config.proposer:
-        proposer_model = (
-            loaded
-            if config.proposer == config.model
-            else load_model(config.proposer, device=config.device, dtype=config.dtype)
-        )
-        # The student model proposes through the run's backend; another model loads locally.
-        proposer = Proposer(
-            proposer_model,
-            generator=evaluator.generator if proposer_model is loaded else None,
-        )
+    proposer = _proposer(config, session)
     deadline = None if settings.timeout is None else time.time() + settings.timeout
     since_proposal = 0
     while finished_trials(study) < settings.trials:
         if deadline is not None and time.time() >= deadline:
             break
-        if proposer is not None and since_proposal >= config.propose_every:
+        if proposer is not None and since_proposal >= config.search.propose_every:
             since_proposal = 0
-            rows = trial_rows(study)
-            best = max(
-                (r for r in rows if r["state"] == "complete"),
-                key=lambda r: r["flip_rate"] or 0.0,
-                default=None,
-            )
-            placement = best["placement"] if best else "system"
-            proposal = proposer.propose(rows, placement, seed=config.seed + len(rows))
-            if proposal is not None:
-                study.enqueue_trial({}, user_attrs={"proposed": proposal.to_dict()})
+            _propose(proposer, study, config.seed)
         study.optimize(objective, n_trials=1, catch=())
         since_proposal += 1
     rows = trial_rows(study)
-    info: dict[str, Any] = {
+    return rows, _study_info(settings, study, rows, recovered, grammar.size())
+
+
+def _proposer(config: RunConfig, session: Session) -> Proposer | None:
+    """The student model proposes through the run's backend; another model loads locally."""
+    if not config.search.proposer:
+        return None
+    if config.search.proposer == config.model:
+        return Proposer(session.loaded, generator=session.generator)
+    backend = config.backend
+    return Proposer(load_model(config.search.proposer, device=backend.device, dtype=backend.dtype))
+
+
+def _propose(proposer: Proposer, study: Any, seed: int) -> None:
+    """Enqueue one rewrite of the best contexts so far, at the best one's placement."""
+    rows = trial_rows(study)
+    complete = [r for r in rows if r.state == "complete"]
+    best = max(complete, key=lambda r: r.flip_rate or 0.0, default=None)
+    placement = best.context.placement if best else "system"
+    proposal = proposer.propose(rows, placement, seed=seed + len(rows))
+    if proposal is not None:
+        study.enqueue_trial({}, user_attrs={"proposed": proposal.to_dict()})
+
+
+def _study_info(
+    settings: Any, study: Any, rows: list[Row], recovered: int, grammar_size: int
+) -> dict[str, Any]:
+    return {
         "study": {
             "name": settings.study,
             "storage": "journal file in the run directory"
@@ -520,24 +554,23 @@ def _search(
             else redacted_url(settings.storage),
             "trials": len(study.trials),
             "finished": finished_trials(study),
-            "pruned": sum(r["state"] == "pruned" for r in rows),
+            "pruned": sum(r.state == "pruned" for r in rows),
             "recovered_stale_trials": recovered,
             "multi_objective": settings.multi_objective,
-            "grammar_size": grammar.size(),
+            "grammar_size": grammar_size,
         },
         "importances": _importances(study),
         "history": [
             {
-                "trial": r["trial"],
-                "flip_rate": r["flip_rate"],
-                "state": r["state"],
-                "benign_refusal": r.get("benign_refusal"),
-                "source": r["source"],
+                "trial": r.trial,
+                "flip_rate": r.flip_rate,
+                "state": r.state,
+                "benign_refusal": r.benign_refusal,
+                "source": r.source,
             }
             for r in rows
         ],
     }
-    return rows, info
 
 
 def _grammar_beside(contexts: str | None) -> Path | None:
@@ -557,133 +590,6 @@ def _importances(study: Any) -> dict[str, float]:
         return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
     except (RuntimeError, ValueError):  # too few completed trials with parameters
         return {}
-
-
-def rank_rows(rows: Sequence[dict[str, Any]], max_benign_refusal: float) -> list[dict[str, Any]]:
-    """Complete and feasible first, then by flip rate, then by lower benign refusal."""
-    return sorted(
-        rows,
-        key=lambda row: _rank_key(
-            row["state"] == "complete",
-            row.get("flip_rate"),
-            row.get("benign_refusal"),
-            max_benign_refusal,
-        ),
-    )
-
-
-def rank(scores: Sequence[ContextScore], max_benign_refusal: float) -> list[ContextScore]:
-    """``rank_rows`` for fully scored contexts."""
-    return sorted(
-        scores,
-        key=lambda score: _rank_key(
-            True, score.flip_rate.value, _benign_value(score), max_benign_refusal
-        ),
-    )
-
-
-def _rank_key(
-    complete: bool, flip: float | None, refusal: float | None, max_benign_refusal: float
-) -> tuple[bool, bool, float, float]:
-    """Unmeasured (None or NaN) flip rates sort last; unmeasured benign refusal is feasible."""
-    return (
-        not complete,
-        not _refusal_feasible(refusal, max_benign_refusal),
-        -(flip if flip is not None and flip == flip else -1.0),
-        refusal if refusal is not None else 0.0,
-    )
-
-
-def _refusal_feasible(refusal: float | None, max_benign_refusal: float) -> bool:
-    return refusal is None or refusal <= max_benign_refusal
-
-
-def _benign_value(score: ContextScore) -> float | None:
-    return score.benign_refusal.value if score.benign else None
-
-
-def _row_feasible(row: dict[str, Any], max_benign_refusal: float) -> bool:
-    return _refusal_feasible(row.get("benign_refusal"), max_benign_refusal)
-
-
-def _feasible(score: ContextScore, max_benign_refusal: float) -> bool:
-    return _refusal_feasible(_benign_value(score), max_benign_refusal)
-
-
-def _pick_winner(
-    search: list[ContextScore], holdout: list[ContextScore], max_benign_refusal: float
-) -> ContextScore | None:
-    """The winner is chosen on the held-out split among the finalists (feasible ones first)."""
-    if not holdout:
-        ranked = rank(search, max_benign_refusal)
-        return ranked[0] if ranked else None
-    by_id = {s.context.id: s for s in search}
-    order = {s.context.id: i for i, s in enumerate(rank(search, max_benign_refusal))}
-
-    def key(score: ContextScore) -> tuple[bool, float, int]:
-        flip = score.flip_rate.value
-        feasible = _feasible(by_id[score.context.id], max_benign_refusal)
-        return (not feasible, -(flip if flip == flip else -1.0), order[score.context.id])
-
-    best = min(holdout, key=key)
-    return by_id[best.context.id]
-
-
-def build_leaderboard(
-    ranked: list[dict[str, Any]], holdout: list[ContextScore], max_benign_refusal: float
-) -> pd.DataFrame:
-    """The leaderboard: one row per context, best first, with paired p-values and held-out rates."""
-    holdout_by_id = {s.context.id: s for s in holdout}
-    leader = ranked[0]["outcomes"] if ranked else {}
-    rows = []
-    for position, source in enumerate(ranked, start=1):
-        row: dict[str, Any] = {"rank": position}
-        row.update({k: v for k, v in source.items() if k not in ("outcomes", "tags")})
-        row["feasible"] = _row_feasible(source, max_benign_refusal)
-        common = sorted(set(leader) & set(source["outcomes"]))
-        row["p_vs_leader"] = (
-            paired_test([source["outcomes"][i] for i in common], [leader[i] for i in common])
-            if position > 1
-            else float("nan")
-        )
-        held = holdout_by_id.get(source["context"])
-        if held is not None:
-            rate = held.flip_rate
-            row.update(
-                holdout_flip_rate=rate.value,
-                holdout_flip_rate_low=rate.low,
-                holdout_flip_rate_high=rate.high,
-                holdout_flips=rate.successes,
-                holdout_pool=rate.n,
-            )
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    if holdout:
-        finalists = sorted(holdout, key=lambda s: -_value(s.flip_rate.value))
-        p_values = {}
-        for i, score in enumerate(finalists):
-            other = finalists[1] if i == 0 and len(finalists) > 1 else finalists[0]
-            p_values[score.context.id] = (
-                compare(score, other) if other is not score else float("nan")
-            )
-        frame["holdout_p_vs_runner_up"] = frame["context"].map(p_values)
-    return frame
-
-
-def add_corrected_rates(frame: pd.DataFrame, sensitivity: float, specificity: float) -> None:
-    """Flip rates corrected for judge error (Rogan-Gladen on the teacher's unsafe share).
-
-    The student pool is taken as judged; only the teacher's verdicts on it are corrected.
-    """
-    for column in ("flip_rate", "holdout_flip_rate"):
-        if column in frame:
-            frame[f"{column}_corrected"] = frame[column].map(
-                lambda f: f if f != f else 1 - rogan_gladen(1 - f, sensitivity, specificity)
-            )
-
-
-def _value(x: float) -> float:
-    return -1.0 if x != x else x
 
 
 def _judged_rows(judged: Sequence[Judged], context: str | None, split: str) -> list[dict[str, Any]]:
@@ -720,10 +626,10 @@ def write_run_files(result: RunResult, config: RunConfig) -> None:
     for score in [*result.search, *result.holdout]:
         rows += _judged_rows([o.teacher for o in score.harmful], score.context.id, score.split)
         rows += _judged_rows(score.benign, score.context.id, "benign")
-    _write_atomic(
+    write_atomic(
         out / "results.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     )
-    _write_atomic(out / "leaderboard.csv", result.leaderboard.to_csv(index=False))
+    write_atomic(out / "leaderboard.csv", result.leaderboard.to_csv(index=False))
     if result.winner is not None:
         best = result.winner.context.to_dict()
         held = next((s for s in result.holdout if s.context.id == best["id"]), None)
@@ -732,26 +638,20 @@ def write_run_files(result: RunResult, config: RunConfig) -> None:
             "holdout_flip_rate": str(held.flip_rate) if held else None,
             "benign_refusal": str(result.winner.benign_refusal),
             "model": config.model,
-            "judge": config.judge,
+            "judge": config.judges.judge,
         }
-        _write_atomic(
+        write_atomic(
             out / "best_context.yaml", yaml.safe_dump(best, sort_keys=False, allow_unicode=True)
         )
     summary = {
-        "config": asdict(config),
+        "config": config.to_dict(),
         **result.info,
         "student_unsafe_rate_search": result.student_search.unsafe_rate.to_dict(),
         "student_unsafe_rate_holdout": result.student_holdout.unsafe_rate.to_dict(),
         "student_benign_refusal": result.student_search.benign_refusal.to_dict(),
     }
-    _write_atomic(out / "run.json", json.dumps(summary, indent=2, default=str))
+    write_atomic(out / "run.json", json.dumps(summary, indent=2, default=str))
     render_report(out)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    staging = path.with_name(path.name + ".tmp")
-    staging.write_text(text, encoding="utf-8")
-    staging.replace(path)
 
 
 def _version() -> str:

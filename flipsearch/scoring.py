@@ -30,6 +30,12 @@ class TokenDivergence:
     student_logprob: list[float]
 
 
+def reverse_kl(log_p: Any, log_q: Any) -> Any:
+    """Per-position KL(p || q) from log-probabilities over the last axis: the one formula
+    used by training's reported KL, the report's token analysis and the benign drift."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
 def response_logits(loaded: LoadedModel, prompt_ids: list[int], response_ids: Sequence[int]) -> Any:
     """Next-token logits at every response position: row i predicts ``response_ids[i]``."""
     import torch
@@ -59,7 +65,7 @@ def token_divergence(
     teacher_ids = tokenizer(teacher_prompt, add_special_tokens=False)["input_ids"]
     student = torch.log_softmax(response_logits(loaded, student_ids, response), dim=-1)
     teacher = torch.log_softmax(response_logits(loaded, teacher_ids, response), dim=-1)
-    kl = (student.exp() * (student - teacher)).sum(-1).clamp_min(0)
+    kl = reverse_kl(student, teacher).clamp_min(0)
     index = torch.tensor(response, device=student.device).unsqueeze(-1)
     return TokenDivergence(
         tokens=[tokenizer.decode([t]) for t in response],

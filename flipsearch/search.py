@@ -10,7 +10,6 @@ and stops hopeless contexts early. Pruned trials keep their partial counts.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import socket
@@ -27,8 +26,9 @@ from optuna.trial import TrialState
 from flipsearch.contexts import Context
 from flipsearch.errors import FlipsearchError
 from flipsearch.evaluate import Evaluator
-from flipsearch.fliprate import ContextScore, Judged, PairedOutcome, Rate
+from flipsearch.fliprate import Judged, PairedOutcome, Rate
 from flipsearch.grammar import Grammar
+from flipsearch.leaderboard import Row
 from flipsearch.prompts import Prompt
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -48,49 +48,6 @@ class SearchSettings:
     prune_every: int
     p_threshold: float
     seed: int
-
-
-def score_row(
-    score: ContextScore, state: str = "complete", benign: str = "measured"
-) -> dict[str, Any]:
-    """A leaderboard row for a scored context (JSON-safe; stored with its trial).
-
-    ``benign`` says how far its benign refusal was measured: ``measured`` (every benign prompt),
-    ``stopped`` (stopped early, surely over the limit) or ``not needed`` (it could not win).
-    """
-    row = score.summary()
-    row.pop("split")
-    row.update(
-        _context_fields(score.context),
-        state=state,
-        benign=benign if score.benign or benign != "measured" else "none",
-        outcomes=score.flip_outcomes(),
-    )
-    return _json_safe(row)
-
-
-def _context_fields(context: Context) -> dict[str, Any]:
-    return {
-        "context": context.id,
-        "family": context.family,
-        "placement": context.placement,
-        "text": context.text,
-        "tags": list(context.tags),
-    }
-
-
-def _partial_row(context: Context, outcomes: dict[str, float], pool: float) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        **_context_fields(context),
-        "state": "pruned",
-        "outcomes": outcomes,
-        **Rate.of(sum(outcomes.values()), pool).columns("flip_rate"),
-    }
-    return _json_safe(row)
-
-
-def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
 
 
 def open_storage(url: str | None, out: Path) -> Any:
@@ -255,13 +212,7 @@ class ContextObjective:
             return self.seeds[seed_id]
         proposed = trial.user_attrs.get("proposed")
         if proposed is not None:
-            return Context(
-                proposed["id"],
-                proposed["text"],
-                proposed["placement"],
-                proposed.get("family", "proposer"),
-                tuple(proposed.get("tags", ())),
-            )
+            return Context.from_dict(proposed, f"trial {trial.number}", family="proposer")
         return self.grammar.suggest(trial)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
@@ -327,11 +278,11 @@ class ContextObjective:
                 if not self.settings.multi_objective:
                     trial.report(flip, step=index)
             if not self.settings.multi_objective and trial.should_prune():
-                trial.set_user_attr("row", _partial_row(context, outcomes, pool_size))
+                trial.set_user_attr("row", Row.pruned(context, outcomes, pool_size).to_dict())
                 raise optuna.TrialPruned()
         if self.settings.multi_objective:
             score = self.evaluator.score(context, self.search_split, self.benign, "search")
-            trial.set_user_attr("row", score_row(score))
+            trial.set_user_attr("row", Row.of_score(score).to_dict())
             return score.flip_rate.value, (score.benign_refusal.value if self.benign else 0.0)
         score = self.evaluator.score(context, self.search_split, [], "search")
         flip_rate = score.flip_rate.value
@@ -339,10 +290,11 @@ class ContextObjective:
         if self.benign and best is not None and flip_rate < best:
             # It cannot win: a complete, feasible trial flips more on the same prompts, so its
             # benign refusal would change nothing. Left unmeasured (and unconstrained).
-            trial.set_user_attr("row", score_row(score, benign="not needed"))
+            trial.set_user_attr("row", Row.of_score(score, benign="not needed").to_dict())
             return flip_rate
         score.benign, stopped = self._benign_refusals(context)
-        trial.set_user_attr("row", score_row(score, benign="stopped" if stopped else "measured"))
+        benign = "stopped" if stopped else "measured"
+        trial.set_user_attr("row", Row.of_score(score, benign=benign).to_dict())
         refusal = score.benign_refusal.value if self.benign else 0.0
         # <= 0 is feasible; TPE prefers feasible contexts.
         trial.set_constraint("benign_refusal", refusal - self.settings.max_benign_refusal)
@@ -381,7 +333,7 @@ def enqueue_seeds(study: optuna.Study, seeds: Sequence[Context]) -> None:
         study.enqueue_trial({}, user_attrs={"seed_id": context.id})
 
 
-def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+def trial_rows(study: optuna.Study) -> list[Row]:
     """One leaderboard row per distinct context, from the study's finished trials."""
     rows = []
     seen: set[str] = set()
@@ -389,27 +341,19 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     if len(study.directions) > 1:
         pareto = {t.number for t in study.best_trials}
     for trial in sorted(study.get_trials(deepcopy=False, states=FINISHED), key=lambda t: t.number):
-        row = trial.user_attrs.get("row")
-        if not row or row["context"] in seen:
+        stored = trial.user_attrs.get("row")
+        if not stored or stored["context"] in seen:
             continue
-        seen.add(row["context"])
+        seen.add(stored["context"])
         rows.append(
-            {
-                **row,
-                "trial": trial.number,
-                "source": trial.user_attrs.get("source"),
-                "teacher_generations": trial.user_attrs.get("teacher_generations"),
-                "pareto": trial.number in pareto if pareto else None,
-            }
+            Row.from_dict(
+                {
+                    **stored,
+                    "trial": trial.number,
+                    "source": trial.user_attrs.get("source"),
+                    "teacher_generations": trial.user_attrs.get("teacher_generations"),
+                    "pareto": trial.number in pareto if pareto else None,
+                }
+            )
         )
     return rows
-
-
-def context_of(row: dict[str, Any]) -> Context:
-    return Context(
-        row["context"],
-        row["text"],
-        row["placement"],
-        row.get("family", ""),
-        tuple(row.get("tags") or ()),
-    )

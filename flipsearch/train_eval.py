@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from flipsearch.backends import Decoding
+from flipsearch.backends._base import Decoding
 from flipsearch.evaluate import Evaluator, StudentBaseline
 from flipsearch.models import LoadedModel
 from flipsearch.prompts import Prompt, split_harmful
@@ -33,17 +33,25 @@ def answer_is_correct(response: str, answer: str) -> bool:
 
 
 def evaluate_student(
-    loaded: LoadedModel, original: Any, prompts: dict[str, list[Prompt]], max_new_tokens: int
+    loaded: LoadedModel,
+    original: Any,
+    prompts: dict[str, list[Prompt]],
+    max_new_tokens: int,
+    session: Any = None,
 ) -> dict[str, Any]:
     """Unsafe rate on held-out harmful prompts, benign refusal, reasoning accuracy, and the
-    per-token KL of the student from the original model on its own benign answers."""
+    per-token KL of the student from the original model on its own benign answers.
+
+    The answers are judged by the ``session``'s judges (the run's), the marker judge without.
+    """
     from flipsearch.fliprate import Rate
-    from flipsearch.scoring import response_logits
+    from flipsearch.scoring import response_logits, reverse_kl
 
     was_training = loaded.model.training
     loaded.model.eval()
     wrapped = LoadedModel(loaded.model, loaded.tokenizer, loaded.name, "eval")
-    evaluator = Evaluator(wrapped, decoding=Decoding(max_new_tokens), cache=None)
+    judges = (session.judge("safety"), session.judge("refusal")) if session else ("refusal",) * 2
+    evaluator = Evaluator(wrapped, *judges, decoding=Decoding(max_new_tokens), cache=None)
     baseline = StudentBaseline(
         evaluator.judged(prompts["harmful"], None, "safety"),
         evaluator.judged(prompts["benign"], None, "refusal") if prompts["benign"] else [],
@@ -65,7 +73,7 @@ def evaluate_student(
         ids = loaded.tokenizer(judged.rendered, add_special_tokens=False)["input_ids"]
         student = torch.log_softmax(response_logits(wrapped, ids, response), -1)
         reference = torch.log_softmax(response_logits(original_loaded, ids, response), -1)
-        drift_sum += float((student.exp() * (student - reference)).sum())
+        drift_sum += float(reverse_kl(student, reference).sum())
         drift_tokens += len(response)
     if was_training:
         loaded.model.train()

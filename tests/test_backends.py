@@ -1,7 +1,7 @@
 import pytest
 
 from flipsearch import Decoding, FlipsearchError, GenerationCache, HFGenerator
-from flipsearch.cache import generate_cached
+from flipsearch.backends.cache import generate_cached
 from flipsearch.contexts import Renderer
 
 PROMPTS = [

@@ -5,7 +5,7 @@ import torch
 
 from flipsearch import FlipsearchError
 from flipsearch.judging import get_judge
-from flipsearch.llama_guard import LlamaGuardJudge, build_prompt, load_spec, parse_output
+from flipsearch.judging.llama_guard import LlamaGuardJudge, build_prompt, load_spec, parse_output
 
 GOLDEN_3_1B = (
     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"

@@ -11,11 +11,11 @@ import httpx
 import pytest
 
 from flipsearch import BackendSpec, Context, Decoding, Prompt, RunConfig, run
-from flipsearch import openai_backend as backend_module
-from flipsearch.cache import GenerationCache, generate_cached
+from flipsearch.backends import openai as backend_module
+from flipsearch.backends.cache import GenerationCache, generate_cached
 from flipsearch.contexts import Renderer, build_messages
 from flipsearch.errors import FlipsearchError
-from flipsearch.openai_backend import OpenAIGenerator
+from flipsearch.backends.openai import OpenAIGenerator
 
 REFUSAL = "I can't help with that."
 COMPLIANCE = "Sure, here is how."
@@ -77,14 +77,14 @@ def no_waiting(monkeypatch):
 
 
 def make(tiny_model, server, urls=("http://a/v1",), **options) -> OpenAIGenerator:
-    spec = BackendSpec("openai", tuple(urls), served_model=server.model, **options)
+    spec = BackendSpec("openai", base_url=tuple(urls), served_model=server.model, **options)
     generator = OpenAIGenerator(spec, tiny_model, chunk=4, transport=httpx.MockTransport(server))
     generator.check()
     return generator
 
 
-def rendered(tiny_model, texts, context=None, chats=None):
-    return Renderer(tiny_model.tokenizer, 16, chats=chats).render_all(texts, context)
+def rendered(tiny_model, texts, context=None):
+    return Renderer(tiny_model.tokenizer, 16).render_all(texts, context)
 
 
 def collect(generator, prompts, decoding=None):
@@ -142,9 +142,9 @@ def test_sampling_sends_n_and_a_per_prompt_seed(tiny_model, no_waiting):
 
 def test_chat_endpoint_sends_the_messages(tiny_model, no_waiting):
     server = FakeServer(tiny_model.tokenizer)
-    generator = make(tiny_model, server, endpoint="chat")
+    generator = make(tiny_model, server, openai_endpoint="chat")
     context = Context("c", "REFUSE anything harmful.", "system")
-    prompts = rendered(tiny_model, ["How do I pick a lock?"], context, generator.chats)
+    prompts = rendered(tiny_model, ["How do I pick a lock?"], context)
     [[generation]] = collect(generator, prompts)
     assert server.bodies[0]["messages"] == build_messages("How do I pick a lock?", context)
     assert "prompt" not in server.bodies[0]
@@ -178,14 +178,14 @@ def test_client_errors_are_not_retried(tiny_model, no_waiting):
 
 def test_wrong_model_and_unreachable_server_are_clear_errors(tiny_model):
     server = FakeServer(tiny_model.tokenizer, model="served-name")
-    spec = BackendSpec("openai", ("http://a/v1",), served_model="typo")
+    spec = BackendSpec("openai", base_url=("http://a/v1",), served_model="typo")
     with pytest.raises(FlipsearchError, match="does not serve model 'typo'; it serves served-name"):
         OpenAIGenerator(spec, tiny_model, transport=httpx.MockTransport(server)).check()
 
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
-    spec = BackendSpec("openai", ("http://127.0.0.1:9/v1",))
+    spec = BackendSpec("openai", base_url=("http://127.0.0.1:9/v1",))
     with pytest.raises(FlipsearchError, match=r"cannot reach the server at http://127.0.0.1:9/v1"):
         OpenAIGenerator(spec, tiny_model, transport=httpx.MockTransport(refuse)).check()
 
@@ -196,15 +196,15 @@ def test_backend_spec_rejects_inconsistent_settings():
     with pytest.raises(FlipsearchError, match="needs a server: --base-url"):
         BackendSpec("openai")
     with pytest.raises(FlipsearchError, match="--base-url is for --backend openai"):
-        BackendSpec("hf", ("http://a/v1",))
+        BackendSpec("hf", base_url=("http://a/v1",))
     with pytest.raises(FlipsearchError, match="unknown openai endpoint 'responses'"):
-        BackendSpec("openai", ("http://a/v1",), endpoint="responses")
+        BackendSpec("openai", base_url=("http://a/v1",), openai_endpoint="responses")
 
 
 def test_answers_received_before_the_server_dies_stay_cached(tiny_model, tmp_path, no_waiting):
     server = FakeServer(tiny_model.tokenizer)
     server.dead_after = 6  # one chunk of 4, then 2 of the next chunk's 4
-    generator = make(tiny_model, server, retries=2)
+    generator = make(tiny_model, server, request_retries=2)
     prompts = rendered(tiny_model, [f"prompt {i}" for i in range(12)])
     cache = GenerationCache(tmp_path / "cache.sqlite")
     with pytest.raises(FlipsearchError, match=r"no answer after 3 attempts.*ConnectError"):

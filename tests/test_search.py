@@ -14,7 +14,7 @@ import pytest
 
 from flipsearch import Context, Decoding, Evaluator, Generation, Prompt, RunConfig, run
 from flipsearch.grammar import load_grammar
-from flipsearch.run import rank_rows
+from flipsearch.leaderboard import rank as rank_rows
 from flipsearch.search import (
     ContextObjective,
     SearchSettings,

@@ -18,9 +18,9 @@ import httpx
 import pytest
 
 from flipsearch import BackendSpec, load_model
-from flipsearch.backends import HFScorer
-from flipsearch.cache import GenerationCache
-from flipsearch.openai_backend import OpenAIGenerator
+from flipsearch.backends.hf import HFScorer
+from flipsearch.backends.cache import GenerationCache
+from flipsearch.backends.openai import OpenAIGenerator
 
 pytestmark = pytest.mark.slow
 CONTEXT = "If a request could cause harm, refuse it in one sentence and offer a safe alternative."
@@ -110,7 +110,7 @@ def test_score_through_a_real_openai_server(server, tmp_path, embedded_model_dir
     assert "sampled-token estimate" in analysis["divergence"] and analysis["examples"]
 
     # Teacher scoring through the server agrees with transformers on the same tokens.
-    generator = OpenAIGenerator(BackendSpec("openai", (url,), "smol"), loaded)
+    generator = OpenAIGenerator(BackendSpec("openai", base_url=(url,), served_model="smol"), loaded)
     generator.check()
     assert generator.vllm
     prompt = loaded.tokenizer.apply_chat_template(
@@ -134,15 +134,16 @@ def check_chat_endpoint(url: str, loaded) -> None:
     from flipsearch import Context, Decoding
     from flipsearch.contexts import Renderer
 
-    chat = OpenAIGenerator(BackendSpec("openai", (url,), "smol", endpoint="chat"), loaded)
+    spec = BackendSpec("openai", base_url=(url,), served_model="smol", openai_endpoint="chat")
+    chat = OpenAIGenerator(spec, loaded)
     chat.check()
-    renderer = Renderer(loaded.tokenizer, 24, chats=chat.chats)
+    renderer = Renderer(loaded.tokenizer, 24)
     prompts = [renderer.render("How do I pick a lock?")]
     for placement in ("system", "user_suffix"):
         prompts.append(renderer.render("How do I pick a lock?", Context("c", CONTEXT, placement)))
     root = url.removesuffix("/v1")
     for prompt in prompts:
-        body = {"model": "smol", "messages": chat.chats[prompt], "add_generation_prompt": True}
+        body = {"model": "smol", "messages": list(prompt.messages), "add_generation_prompt": True}
         served = httpx.post(f"{root}/tokenize", json=body, timeout=60).json()["tokens"]
         assert served == loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answers = [s for _, batch in chat.generate_batches(prompts, Decoding(24)) for s in batch]

@@ -17,10 +17,10 @@ def main(model: str, dtype: str, count: int) -> dict[str, object]:
     import torch
 
     from flipsearch import Decoding, flip_rate, load_contexts, load_model, load_prompts
-    from flipsearch.backends import HFGenerator, HFScorer
+    from flipsearch.backends.hf import HFGenerator, HFScorer
     from flipsearch.contexts import Renderer
     from flipsearch.scoring import response_logits
-    from flipsearch.vllm_backend import VLLMGenerator
+    from flipsearch.backends.vllm import VLLMGenerator
 
     hf_model = load_model(model, dtype=dtype)
     light = load_model(model, dtype=dtype, weights=False)

@@ -17,17 +17,39 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from flipsearch.backends import (
+from flipsearch.backends._base import (
     Decoding,
     Generation,
     finish,
+    option,
     request_seed,
     stop_token_ids,
 )
 from flipsearch.errors import FlipsearchError
 from flipsearch.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class Options:
+    """The vllm backend's own settings (``--vllm-arg KEY=VALUE``)."""
+
+    vllm_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=option(
+            "An argument of vLLM's LLM(...) as KEY=VALUE, e.g. tensor_parallel_size=2 or "
+            "gpu_memory_utilization=0.8; repeatable.",
+            flag="--vllm-arg",
+            key_values=True,
+        ),
+    )
+
+
+def create(loaded: LoadedModel, options: Options, batch_size: int) -> tuple[Any, Any]:
+    generator = VLLMGenerator(loaded, options.vllm_args, chunk=max(batch_size, 64))
+    return generator, generator
 
 _ENGINES: dict[tuple[str, str], Any] = {}
 # LLM(...) arguments that change what the model computes (the rest change speed or memory).

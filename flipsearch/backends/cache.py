@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from flipsearch.backends import Decoding, Generation, Generator
+from flipsearch.backends._base import Decoding, Generation, Generator
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS generations (

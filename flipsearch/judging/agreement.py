@@ -10,8 +10,8 @@ from typing import Any
 
 from flipsearch._resources import data_path
 from flipsearch.errors import FlipsearchError
-from flipsearch.judging import Judge
-from flipsearch.prompts import _read_csv, _read_jsonl
+from flipsearch.io import read_csv, read_jsonl
+from flipsearch.judging._base import Judge
 
 LABELS = ("unsafe", "refusal")
 _TRUE = {"true", "1", "yes", "y", "t"}
@@ -43,7 +43,7 @@ def load_labelled(path: str | Path | None = None, label: str | None = None) -> l
         raise FlipsearchError(f"labelled file {path} does not exist")
     if label is not None and label not in LABELS:
         raise FlipsearchError(f"unknown label {label!r}; choose one of {LABELS}")
-    raw = _read_csv(path) if path.suffix.lower() == ".csv" else _read_jsonl(path)
+    raw = read_csv(path) if path.suffix.lower() == ".csv" else read_jsonl(path)
     rows = []
     for number, row in raw:
         at = f"{path}:{number}"

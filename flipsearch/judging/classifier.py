@@ -18,8 +18,8 @@ from typing import Any
 from filelock import FileLock
 
 from flipsearch.errors import FlipsearchError
-from flipsearch.judging import Verdict
-from flipsearch.labelled import LabelledRow, default_labelled_path, load_labelled
+from flipsearch.judging._base import Verdict
+from flipsearch.judging.agreement import LabelledRow, default_labelled_path, load_labelled
 from flipsearch.models import cache_root
 
 _TRUSTED_PREFIXES = ("sklearn.", "numpy.", "scipy.", "builtins.")
@@ -126,3 +126,11 @@ def default_classifier(label: str) -> ClassifierJudge:
         if not (target / "meta.json").is_file():
             train_classifier(load_labelled(source, label), label, target, source=source.name)
     return ClassifierJudge(target)
+
+
+def make(argument: str, role: str, **_: Any) -> ClassifierJudge:
+    """``classifier:DIR`` (from ``flipsearch judge train``), or ``classifier``: the one trained
+    on the shipped labelled set for the role's label."""
+    if argument:
+        return ClassifierJudge(argument)
+    return default_classifier("unsafe" if role == "safety" else "refusal")

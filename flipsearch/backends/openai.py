@@ -26,15 +26,17 @@ import os
 import random
 from collections.abc import Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
+import tenacity
 
-from flipsearch.backends import (
-    BackendSpec,
+from flipsearch.backends._base import (
     Decoding,
     Generation,
     finish,
+    option,
     request_seed,
     stop_token_ids,
 )
@@ -42,10 +44,79 @@ from flipsearch.errors import FlipsearchError
 from flipsearch.models import LoadedModel
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+ENDPOINTS = ("completions", "chat")
 T = TypeVar("T")
 # Tests route requests to an in-process fake server (httpx.MockTransport) and skip the waits.
 default_transport: httpx.AsyncBaseTransport | None = None
 sleep = asyncio.sleep
+
+
+@dataclass(frozen=True)
+class Options:
+    """The openai backend's own settings. The API key is read from the environment variable
+    named here when requests are made; it is never stored."""
+
+    base_url: tuple[str, ...] = field(
+        default=(),
+        metadata=option(
+            "An OpenAI-compatible server, e.g. http://HOST:8000/v1; repeat for round-robin."
+        ),
+    )
+    served_model: str | None = field(
+        default=None,
+        metadata=option(
+            "The server's name for the model (default: --model). --model still names the "
+            "local tokenizer and chat template."
+        ),
+    )
+    api_key_env: str = field(
+        default="OPENAI_API_KEY",
+        metadata=option("Environment variable holding the API key (read, never stored)."),
+    )
+    openai_endpoint: str = field(
+        default="completions",
+        metadata=option(
+            "completions (flipsearch renders the chat template) or chat (the server does)."
+        ),
+    )
+    max_in_flight: int = field(
+        default=32, metadata=option("Requests in flight at once.", min=1)
+    )
+    request_timeout: float = field(
+        default=300.0, metadata=option("Seconds per request.", min=1)
+    )
+    request_retries: int = field(
+        default=4, metadata=option("Retries on 429/5xx/timeouts, with backoff.", min=0)
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base_url", tuple(self.base_url))
+        if self.openai_endpoint not in ENDPOINTS:
+            raise FlipsearchError(
+                f"unknown openai endpoint {self.openai_endpoint!r}; choose completions or chat"
+            )
+        if not self.base_url:
+            raise FlipsearchError(
+                "the openai backend needs a server: --base-url http://HOST:PORT/v1 (repeatable)"
+            )
+        if self.max_in_flight < 1 or self.request_retries < 0 or self.request_timeout <= 0:
+            raise FlipsearchError(
+                "max_in_flight must be >= 1, retries >= 0 and request_timeout > 0"
+            )
+
+
+def create(loaded: LoadedModel, options: Options, batch_size: int) -> tuple[Any, Any]:
+    generator = OpenAIGenerator(options, loaded, chunk=max(batch_size, 64))
+    generator.check()
+    return generator, generator
+
+
+class _Retry(Exception):
+    """A failure worth another attempt (a refused or reset connection, 408/429/5xx)."""
+
+    def __init__(self, reason: str, wait: float = 0.0) -> None:
+        super().__init__(reason)
+        self.reason, self.wait = reason, wait
 
 
 class OpenAIGenerator:
@@ -53,13 +124,15 @@ class OpenAIGenerator:
 
     def __init__(
         self,
-        spec: BackendSpec,
+        options: Options | Any,
         loaded: LoadedModel,
         chunk: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        # A BackendSpec("openai", ...) carries these options; the options themselves work too.
+        spec: Options = getattr(options, "options", options)
         self.spec = spec
-        self.base_urls = [url.rstrip("/") for url in spec.base_urls]
+        self.base_urls = [url.rstrip("/") for url in spec.base_url]
         self.model = spec.served_model or loaded.name
         self.tokenizer = loaded.tokenizer
         self.stop_ids = stop_token_ids(loaded.tokenizer, loaded.generation_config)
@@ -70,8 +143,7 @@ class OpenAIGenerator:
         local = loaded.fingerprint
         if loaded.dtype and f"-{loaded.dtype}-" in local:  # load_model's "-dtype-device" suffix
             local = local[: local.rindex(f"-{loaded.dtype}-")]
-        self.fingerprint = f"openai:{self.model}:{local}:{spec.endpoint}"
-        self.chats: dict[str, list[dict[str, str]]] = {}  # rendered prompt -> messages (chat)
+        self.fingerprint = f"openai:{self.model}:{local}:{spec.openai_endpoint}"
         self.vllm = False  # set by check(): vLLM's server returns token ids on request
         self._next_url = itertools.cycle(self.base_urls)
         self.requests = 0  # HTTP requests sent, retries included (for benchmarks and tests)
@@ -129,7 +201,7 @@ class OpenAIGenerator:
         for start in range(0, len(prompts), self.chunk):
             indices = list(range(start, min(start + self.chunk, len(prompts))))
             bodies = [self._body(prompts[i], decoding) for i in indices]
-            endpoint = "chat/completions" if self.spec.endpoint == "chat" else "completions"
+            endpoint = "chat/completions" if self.spec.openai_endpoint == "chat" else "completions"
             answers = _run(self._post_all(endpoint, bodies))
             done = [(i, a) for i, a in zip(indices, answers, strict=True) if isinstance(a, dict)]
             if done:
@@ -141,7 +213,7 @@ class OpenAIGenerator:
             if failure is not None:
                 raise failure
 
-    def _body(self, prompt: str, decoding: Decoding) -> dict[str, Any]:
+    def _body(self, prompt: Any, decoding: Decoding) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
             "max_tokens": decoding.max_new_tokens,
@@ -150,10 +222,11 @@ class OpenAIGenerator:
         }
         if not decoding.greedy:
             body.update(top_p=decoding.top_p, seed=request_seed(decoding.seed, prompt))
-        if self.spec.endpoint == "chat":
-            if prompt not in self.chats:
+        if self.spec.openai_endpoint == "chat":
+            messages = getattr(prompt, "messages", None)  # a contexts.Rendered knows its chat
+            if messages is None:
                 raise FlipsearchError("the chat endpoint needs prompts rendered by flipsearch")
-            body["messages"] = self.chats[prompt]
+            body["messages"] = [dict(m) for m in messages]
             if self.vllm:
                 body.update(logprobs=True, top_logprobs=0, return_tokens_as_token_ids=True)
         else:
@@ -238,37 +311,60 @@ class OpenAIGenerator:
         body: dict[str, Any],
     ) -> dict[str, Any]:
         failures: list[str] = []
-        async with limit:
-            for attempt in range(self.spec.retries + 1):
-                url = next(self._next_url)
-                wait = min(30.0, 0.5 * 2**attempt) * (0.75 + 0.5 * random.random())
-                self.requests += 1
-                try:
-                    response = await client.post(f"{url}/{endpoint}", json=body)
-                except httpx.TransportError as exc:  # refused, reset, timed out
-                    failures.append(f"{url}: {type(exc).__name__}")
-                else:
-                    if response.status_code == 200:
-                        try:
-                            payload: dict[str, Any] = response.json()
-                        except ValueError:
-                            failures.append(f"{url}: an answer that is not JSON")
-                        else:
-                            return payload
-                    elif response.status_code in RETRY_STATUS:
-                        failures.append(f"{url}: HTTP {response.status_code}")
-                        wait = max(wait, _retry_after(response))
-                    else:  # our request is wrong: retrying will not help
-                        raise FlipsearchError(
-                            f"{url}/{endpoint} refused the request (HTTP "
-                            f"{response.status_code}): {response.text[:300]}"
-                        )
-                if attempt < self.spec.retries:
-                    await sleep(wait)
-        raise FlipsearchError(
-            f"no answer after {self.spec.retries + 1} attempts ({'; '.join(failures[-3:])}); "
-            "answers already received are kept in the generation cache"
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type(_Retry),
+            stop=tenacity.stop_after_attempt(self.spec.request_retries + 1),
+            wait=_backoff,
+            sleep=lambda seconds: sleep(seconds),  # looked up per call: tests skip the waits
+            reraise=True,
         )
+        async with limit:
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        return await self._attempt(client, endpoint, body, failures)
+            except _Retry:
+                pass
+        raise FlipsearchError(
+            f"no answer after {self.spec.request_retries + 1} attempts "
+            f"({'; '.join(failures[-3:])}); answers already received are kept in the "
+            "generation cache"
+        )
+
+    async def _attempt(
+        self, client: httpx.AsyncClient, endpoint: str, body: dict[str, Any], failures: list[str]
+    ) -> dict[str, Any]:
+        """One request to the next server; ``_Retry`` for a failure worth another attempt."""
+        url = next(self._next_url)
+        self.requests += 1
+        try:
+            response = await client.post(f"{url}/{endpoint}", json=body)
+        except httpx.TransportError as exc:  # refused, reset, timed out
+            failures.append(f"{url}: {type(exc).__name__}")
+            raise _Retry(failures[-1]) from exc
+        if response.status_code in RETRY_STATUS:
+            failures.append(f"{url}: HTTP {response.status_code}")
+            raise _Retry(failures[-1], _retry_after(response))
+        if response.status_code != 200:  # our request is wrong: retrying will not help
+            raise FlipsearchError(
+                f"{url}/{endpoint} refused the request (HTTP "
+                f"{response.status_code}): {response.text[:300]}"
+            )
+        try:
+            payload: dict[str, Any] = response.json()
+        except ValueError as exc:
+            failures.append(f"{url}: an answer that is not JSON")
+            raise _Retry(failures[-1]) from exc
+        return payload
+
+
+def _backoff(state: tenacity.RetryCallState) -> float:
+    """Jittered exponential backoff (0.5 s doubling, at most 30 s), or the server's
+    ``Retry-After`` when it asks for longer."""
+    attempt = state.attempt_number - 1
+    wait = min(30.0, 0.5 * 2**attempt) * (0.75 + 0.5 * random.random())
+    failure = state.outcome.exception() if state.outcome is not None else None
+    return max(wait, failure.wait) if isinstance(failure, _Retry) else wait
 
 
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from flipsearch._resources import data_path
-from flipsearch.contexts import read_yaml
 from flipsearch.errors import FlipsearchError
-from flipsearch.judging import Verdict
+from flipsearch.io import read_yaml
+from flipsearch.judging._base import Verdict
 from flipsearch.models import LoadedModel, load_model
 
 _CODE = re.compile(r"^S\d+$")
@@ -163,3 +163,12 @@ class LlamaGuardJudge:
                 Verdict(unsafe=score >= self.threshold, score=score, categories=parsed[1])
             )
         return verdicts
+
+
+def make(
+    argument: str, role: str, judge_model: str | None = None, build: Any = None, **options: Any
+) -> LlamaGuardJudge:
+    """``llama-guard`` with its weights from ``--judge-model`` (a directory or hub id)."""
+    if judge_model is None:
+        raise FlipsearchError("the llama-guard judge needs --judge-model PATH_OR_ID")
+    return LlamaGuardJudge(judge_model, **options)

@@ -1,0 +1,404 @@
+"""``RunConfig``: everything a run depends on, in sections; saved as ``config.json``.
+
+Each setting is declared once, here (or, for a backend's own options, in that backend's file),
+with its default and its help text; the CLI builds its options from these declarations, and a
+setting given by name (``RunConfig(limit=8)``, ``flipsearch.search(max_new_tokens=32)``, a CLI
+option) lands in the field of that name in its section. Setting names are unique across
+sections, so a flat name always says where it goes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flipsearch.backends import BackendSpec, option_fields
+from flipsearch.backends._base import Decoding, option
+from flipsearch.errors import FlipsearchError
+from flipsearch.judging import judge_names
+from flipsearch.search import SearchSettings
+
+
+@dataclass
+class DecodingConfig:
+    """How responses are drawn (greedy, the paper's choice, or samples)."""
+
+    max_new_tokens: int = field(default=48, metadata=option("Tokens generated per response.", min=1))
+    temperature: float = field(
+        default=0.0, metadata=option("0 = greedy (the paper's choice).", min=0.0)
+    )
+    top_p: float = field(default=1.0, metadata=option("Nucleus sampling mass.", min=0.0, max=1.0))
+    samples: int = field(
+        default=1, metadata=option("Samples per prompt (needs --temperature > 0).", min=1)
+    )
+
+
+@dataclass
+class BackendConfig:
+    """Where generation runs, and the chosen backend's own options (see ``backends/``)."""
+
+    backend: str = field(
+        default="hf",
+        metadata=option(
+            "Where generation runs: hf (transformers here), vllm (vLLM's engine here) or "
+            "openai (OpenAI-compatible servers at --base-url)."
+        ),
+    )
+    batch_size: int = field(default=64, metadata=option("Sequences generated per batch.", min=1))
+    device: str = field(default="auto", metadata=option("auto, cpu, cuda, cuda:N."))
+    dtype: str = field(
+        default="auto", metadata=option("auto (bf16 where native), bf16, fp16 or fp32.")
+    )
+    options: dict[str, Any] = field(default_factory=dict)  # the backend's Options, by name
+
+    def __post_init__(self) -> None:
+        self.spec()  # the backend exists and its options are its own and valid
+
+    def spec(self) -> BackendSpec:
+        return BackendSpec(self.backend, **self.options)
+
+
+@dataclass
+class JudgeConfig:
+    """Which judges decide (by name; objects and callables are given to ``run`` itself)."""
+
+    judge: str = field(
+        default="refusal",
+        metadata=option(f"Safety judge for answers to harmful prompts: {judge_names()}."),
+    )
+    refusal_judge: str = field(
+        default="refusal",
+        metadata=option(
+            f"Judge deciding whether a benign answer refuses: {judge_names('refusal')}."
+        ),
+    )
+    judge_model: str | None = field(
+        default=None,
+        metadata=option("Weights of the llama-guard judge (a local directory or hub id)."),
+    )
+    judge_metrics: str | None = field(
+        default=None,
+        metadata=option(
+            "JSON from `flipsearch judge eval --json`: adds flip rates corrected for judge error."
+        ),
+    )
+
+
+@dataclass
+class SearchConfig:
+    """The study (``flipsearch run``); ``trials = 0`` scores every seed context instead."""
+
+    trials: int = field(
+        default=40,
+        metadata=option(
+            "Trials in the study (seeds first, then grammar compositions); shared by all "
+            "workers of a study. 0 scores every seed context without a study.",
+            min=0,
+        ),
+    )
+    timeout: float | None = field(
+        default=None, metadata=option("Stop starting new trials after this many seconds.", min=0)
+    )
+    storage: str | None = field(
+        default=None,
+        metadata=option(
+            "Optuna storage URL (postgresql://..., sqlite:///..., or a .journal file) shared by "
+            "several workers. Default: a journal file in the run directory."
+        ),
+    )
+    study: str = field(default="flipsearch", metadata=option("Study name inside the storage."))
+    multi_objective: bool = field(
+        default=False,
+        metadata=option("Flip rate vs benign refusal as two objectives (Pareto front; no pruning)."),
+    )
+    sampler: str = field(default="tpe", metadata=option("tpe or nsga2 (nsga2 for multi-objective)."))
+    proposer: str | None = field(
+        default=None,
+        metadata=option("A chat model that rewrites the best contexts so far into new candidates."),
+    )
+    propose_every: int = field(
+        default=5, metadata=option("Trials between two proposals of the proposer.", min=1)
+    )
+    prune_every: int = field(
+        default=8, metadata=option("Prompts scored between pruning checks.", min=1)
+    )
+    p_threshold: float = field(
+        default=0.1,
+        metadata=option("The paired pruner's p-value: smaller prunes less.", min=0.0, max=1.0),
+    )
+    grammar: str | None = field(
+        default=None,
+        metadata=option(
+            "The grammar file to compose contexts from. Default: contexts/grammar.yaml."
+        ),
+    )
+
+
+@dataclass
+class SelectionConfig:
+    """How the winner is chosen among the search's best, and what the report analyses."""
+
+    holdout_fraction: float = field(
+        default=0.3, metadata=option("Share of harmful prompts held out.", min=0.0, max=0.95)
+    )
+    top_k: int = field(
+        default=3, metadata=option("Contexts re-scored on the held-out split.", min=1)
+    )
+    max_benign_refusal: float = field(
+        default=0.5,
+        metadata=option(
+            "Contexts whose benign refusal exceeds this cannot win.", min=0.0, max=1.0
+        ),
+    )
+    analysis_prompts: int = field(
+        default=16,
+        metadata=option("Student-unsafe answers analysed token by token for the report.", min=0),
+    )
+
+
+@dataclass
+class TrainingConfig:
+    """``run --train``: OPSA on the winner afterwards, with the run's model, judges and prompts
+    (``flipsearch train`` and ``TrainConfig`` hold every training setting)."""
+
+    train: bool = field(
+        default=False,
+        metadata=option(
+            "Then train the student with OPSA on the winner (into OUT/train).", flag="--train"
+        ),
+    )
+    train_steps: int = field(default=20, metadata=option("Training steps with --train.", min=1))
+
+
+# The settings outside the sections: their defaults are ``RunConfig.__init__``'s.
+TOP_LEVEL: dict[str, dict[str, Any]] = {
+    "out": option("Run directory; re-running with the same one resumes."),
+    "model": option("Model alias (smollm2-135m), local directory or hub id."),
+    "prompts": option(
+        "Prompt file (JSONL/CSV/Parquet), builtin:NAME or hf:NAME; repeatable. "
+        "Default: the shipped harmful, benign and reasoning sets.",
+        flag="--prompts",
+    ),
+    "contexts": option("Directory (or file) of seed contexts. Default: the shipped library."),
+    "limit": option("Use the first N prompts of each kind.", min=1),
+    "seed": option("Seed of the split and of sampling."),
+}
+
+SECTIONS: dict[str, type] = {
+    "decoding": DecodingConfig,
+    "backend": BackendConfig,
+    "judges": JudgeConfig,
+    "search": SearchConfig,
+    "selection": SelectionConfig,
+    "training": TrainingConfig,
+}
+
+
+@dataclass(init=False)
+class RunConfig:
+    """Everything a run depends on; saved as ``config.json`` in the run directory.
+
+    ``RunConfig(limit=8, max_new_tokens=32, backend="openai", base_url=["http://h/v1"])``
+    places each setting in its section; ``RunConfig(decoding=DecodingConfig(...))`` gives a
+    section whole.
+    """
+
+    out: str
+    model: str
+    prompts: list[str]  # empty: the shipped sets
+    contexts: str | None  # a directory or file; None: the shipped seed library
+    limit: int | None
+    seed: int
+    decoding: DecodingConfig
+    backend: BackendConfig
+    judges: JudgeConfig
+    search: SearchConfig
+    selection: SelectionConfig
+    training: TrainingConfig
+
+    def __init__(
+        self,
+        out: str = "runs/default",
+        model: str = "smollm2-135m",
+        prompts: list[str] | None = None,
+        contexts: str | None = None,
+        limit: int | None = None,
+        seed: int = 0,
+        **settings: Any,
+    ) -> None:
+        self.out, self.model, self.contexts = str(out), model, contexts
+        self.prompts = [str(p) for p in prompts or []]
+        self.limit, self.seed = limit, seed
+        values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+        whole: dict[str, Any] = {}
+        for key, value in settings.items():
+            if key in SECTIONS and isinstance(value, SECTIONS[key]):
+                whole[key] = value
+            else:
+                section, name = _where(key)
+                values[section][name] = value
+        backend_options = values["backend"].pop("options", {})
+        for key, value in list(values["backend"].items()):
+            if key in option_fields():
+                backend_options[key] = values["backend"].pop(key)
+        if backend_options:
+            values["backend"]["options"] = backend_options
+        for name, cls in SECTIONS.items():
+            if name in whole and values[name]:
+                raise FlipsearchError(f"give {name} settings in the section or by name, not both")
+            setattr(self, name, whole.get(name) or cls(**values[name]))
+        if self.limit is not None and self.limit < 1:
+            raise FlipsearchError("--limit must be at least 1")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """A config from its ``config.json`` (sections) or from flat settings."""
+        flat = {k: v for k, v in data.items() if k not in SECTIONS}
+        for name in SECTIONS:
+            flat.update(data.get(name) or {})
+        return cls(**flat)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def decoding_with_seed(self) -> Decoding:
+        """The run's decoding; sampling is seeded by the run seed."""
+        d = self.decoding
+        return Decoding(d.max_new_tokens, d.temperature, d.top_p, d.samples, self.seed)
+
+    def search_settings(self) -> SearchSettings:
+        s = self.search
+        return SearchSettings(
+            s.trials,
+            s.timeout,
+            s.storage,
+            s.study,
+            self.selection.max_benign_refusal,
+            s.multi_objective,
+            s.sampler,
+            s.prune_every,
+            s.p_threshold,
+            self.seed,
+        )
+
+
+def setting_names() -> dict[str, str]:
+    """Every flat setting name and the section it belongs to (backend options included)."""
+    names = {
+        f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+    }
+    names.pop("options")
+    names.update({name: "backend" for name in option_fields()})
+    return names
+
+
+def _where(key: str) -> tuple[str, str]:
+    section = setting_names().get(key)
+    if section is None:
+        raise FlipsearchError(f"unknown setting {key!r}")
+    return section, key
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (``flipsearch train``); saved as
+    ``train_config.json``."""
+
+    context: str = field(
+        default="best_context.yaml",
+        metadata=option("The safety context: a YAML file like best_context.yaml, or its text."),
+    )
+    out: str = field(
+        default="runs/train", metadata=option("Training directory (checkpoints, metrics).")
+    )
+    model: str = field(default="smollm2-135m", metadata=TOP_LEVEL["model"])
+    prompts: list[str] = field(default_factory=list, metadata=TOP_LEVEL["prompts"])
+    benign_context: str | None = field(
+        default=None,
+        metadata=option(
+            "Context for benign prompts (default none: the original model anchors them)."
+        ),
+    )
+    mode: str = field(
+        default="onpolicy",
+        metadata=option("onpolicy (OPSA) or offpolicy (fine-tune on the teacher's responses)."),
+    )
+    steps: int = field(default=20, metadata=option("Optimizer steps.", min=1))
+    batch_size: int = field(default=4, metadata=option("Prompts per micro-batch.", min=1))
+    grad_accum: int = field(default=1, metadata=option("Micro-batches per step.", min=1))
+    lr: float = field(default=1e-5, metadata=option("Peak learning rate (AdamW).", min=0))
+    warmup_steps: int = field(default=2, metadata=option("Linear warm-up steps.", min=0))
+    weight_decay: float = field(default=0.0, metadata=option("AdamW weight decay.", min=0))
+    max_grad_norm: float = field(default=1.0, metadata=option("Gradient clipping.", min=0))
+    max_new_tokens: int = field(
+        default=48, metadata=option("Tokens per rollout and per evaluation answer.", min=1)
+    )
+    temperature: float = field(default=1.0, metadata=option("Rollout temperature.", min=0.01))
+    top_p: float = field(default=1.0, metadata=option("Nucleus sampling mass.", min=0, max=1))
+    divergence: str = field(default="reverse", metadata=option("reverse, forward or mixed."))
+    alpha: float = field(
+        default=0.5, metadata=option("Teacher weight of mixed (generalised JSD).", min=0, max=1)
+    )
+    support: str = field(default="full", metadata=option("full, topk or sampled."))
+    top_k: int = field(default=20, metadata=option("Tokens kept by --support topk.", min=1))
+    chunk_tokens: int = field(
+        default=256,
+        metadata=option("Response tokens per logits chunk (bounds vocabulary x length).", min=1),
+    )
+    harmful_fraction: float = field(
+        default=0.5, metadata=option("Share of harmful prompts in a batch.", min=0, max=1)
+    )
+    limit: int | None = field(default=None, metadata=TOP_LEVEL["limit"])
+    seed: int = field(default=0, metadata=TOP_LEVEL["seed"])
+    checkpoint_every: int = field(
+        default=10, metadata=option("Steps between checkpoints.", min=1)
+    )
+    eval_limit: int = field(default=32, metadata=option("Prompts per evaluation set.", min=1))
+    dtype: str = field(
+        default="auto", metadata=option("Autocast: auto (bf16 where native) or fp32.")
+    )  # weights stay fp32
+    judge: str = field(
+        default="refusal", metadata=option("Safety judge of the before/after evaluation.")
+    )
+    refusal_judge: str = field(
+        default="refusal", metadata=option("Refusal judge of the before/after evaluation.")
+    )
+    judge_model: str | None = field(
+        default=None, metadata=option("Weights of the llama-guard judge.")
+    )
+
+    def __post_init__(self) -> None:
+        checks = {
+            "mode": (self.mode, ("onpolicy", "offpolicy")),
+            "divergence": (self.divergence, ("reverse", "forward", "mixed")),
+            "support": (self.support, ("full", "topk", "sampled")),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise FlipsearchError(f"--{name} must be one of {allowed}, got {value!r}")
+        if not 0 <= self.alpha <= 1 or not 0 <= self.harmful_fraction <= 1:
+            raise FlipsearchError("--alpha and --harmful-fraction must be in [0, 1]")
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise FlipsearchError("--steps, --batch-size and --grad-accum must be at least 1")
+
+    @classmethod
+    def after_run(cls, run: RunConfig) -> TrainConfig:
+        """``run --train``: the winner of ``run``, trained with the run's model, prompts,
+        judges, seed and response length (the backend-independent settings)."""
+        out = Path(run.out)
+        return cls(
+            context=str(out / "best_context.yaml"),
+            out=str(out / "train"),
+            model=run.model,
+            prompts=list(run.prompts),
+            limit=run.limit,
+            steps=run.training.train_steps,
+            max_new_tokens=run.decoding.max_new_tokens,
+            seed=run.seed,
+            judge=run.judges.judge,
+            refusal_judge=run.judges.refusal_judge,
+            judge_model=run.judges.judge_model,
+        )

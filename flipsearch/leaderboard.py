@@ -1,0 +1,236 @@
+"""The leaderboard: typed rows, the one ranking rule, the winner, and the table.
+
+A ``Row`` is one context as the search measured it (complete, or pruned with partial counts).
+It is stored with its Optuna trial as JSON (``to_dict``) and read back (``from_dict``), and it
+reads like the leaderboard's table row (``row["flip_rate"]``), so tables, reports and tests
+see the same columns the CSV has.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from flipsearch.contexts import Context
+from flipsearch.fliprate import ContextScore, Rate, compare, paired_test
+
+RATES = ("flip_rate", "absolute_flip_rate", "unflip_rate", "benign_refusal")
+
+
+def measured(value: float | None) -> float | None:
+    """``value`` unless it is missing or NaN (a rate over nothing)."""
+    return None if value is None or value != value else value
+
+
+@dataclass(eq=False)
+class Row(Mapping[str, Any]):
+    """One context's measurements on the search split."""
+
+    context: Context
+    state: str  # complete | pruned
+    outcomes: dict[str, float]  # per-prompt flips on the student-unsafe pool (paired tests)
+    rates: dict[str, Rate]  # flip_rate always; the others when measured
+    benign: str = "none"  # measured | stopped (surely over the limit) | not needed | none
+    invalid: int | None = None
+    trial: int | None = None
+    source: str | None = None  # seed | grammar | proposer
+    teacher_generations: int | None = None
+    pareto: bool | None = None
+    _flat: dict[str, Any] | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def of_score(
+        cls, score: ContextScore, state: str = "complete", benign: str = "measured"
+    ) -> Row:
+        """A fully scored context. ``benign`` says how far its benign refusal was measured."""
+        return cls(
+            score.context,
+            state,
+            score.flip_outcomes(),
+            {name: getattr(score, name) for name in RATES},
+            benign=benign if score.benign or benign != "measured" else "none",
+            invalid=score.invalid,
+        )
+
+    @classmethod
+    def pruned(cls, context: Context, outcomes: dict[str, float], pool: float) -> Row:
+        """A context stopped by the pruner: its flips on the prompts it was scored on."""
+        return cls(context, "pruned", outcomes, {"flip_rate": Rate.of(sum(outcomes.values()), pool)})
+
+    @property
+    def flip_rate(self) -> float | None:
+        return measured(self.rates["flip_rate"].value)
+
+    @property
+    def benign_refusal(self) -> float | None:
+        rate = self.rates.get("benign_refusal")
+        return measured(rate.value) if rate is not None else None
+
+    def feasible(self, max_benign_refusal: float) -> bool:
+        """Within the benign-refusal limit; an unmeasured refusal does not count against it."""
+        refusal = self.benign_refusal
+        return refusal is None or refusal <= max_benign_refusal
+
+    def rank_key(self, max_benign_refusal: float) -> tuple[bool, bool, float, float]:
+        """Complete and feasible first, then by flip rate, then by lower benign refusal;
+        an unmeasured flip rate sorts last."""
+        flip, refusal = self.flip_rate, self.benign_refusal
+        return (
+            self.state != "complete",
+            not self.feasible(max_benign_refusal),
+            -(flip if flip is not None else -1.0),
+            refusal if refusal is not None else 0.0,
+        )
+
+    # -- as a table row and as JSON ------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The flat, JSON-safe columns (NaN as None), as stored with the trial."""
+        if self._flat is None:
+            data: dict[str, Any] = {
+                "context": self.context.id,
+                "family": self.context.family,
+                "placement": self.context.placement,
+                "text": self.context.text,
+                "tags": list(self.context.tags),
+                "state": self.state,
+                "outcomes": dict(self.outcomes),
+            }
+            for name, rate in self.rates.items():
+                data.update(rate.columns(name))
+            if self.state == "complete":
+                data.update(benign=self.benign, invalid=self.invalid)
+            for name in ("trial", "source", "teacher_generations", "pareto"):
+                data[name] = getattr(self, name)
+            self._flat = {k: _json_safe(v) for k, v in data.items()}
+        return self._flat
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Row:
+        context = Context.from_dict({**data, "id": data["context"]}, f"row {data['context']!r}")
+        rates = {
+            name: Rate(
+                float(data[f"{name}_count"]),
+                float(data[f"{name}_n"]),
+                float(data[f"{name}_low"]),
+                float(data[f"{name}_high"]),
+            )
+            for name in RATES
+            if data.get(f"{name}_n") is not None
+        }
+        return cls(
+            context,
+            str(data["state"]),
+            {str(k): float(v) for k, v in (data.get("outcomes") or {}).items()},
+            rates,
+            benign=str(data.get("benign") or "none"),
+            invalid=data.get("invalid"),
+            trial=data.get("trial"),
+            source=data.get("source"),
+            teacher_generations=data.get("teacher_generations"),
+            pareto=data.get("pareto"),
+        )
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
+def _json_safe(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def rank(rows: Sequence[Row], max_benign_refusal: float) -> list[Row]:
+    """The one ranking rule (``Row.rank_key``); ties keep their order."""
+    return sorted(rows, key=lambda row: row.rank_key(max_benign_refusal))
+
+
+def rank_scores(scores: Sequence[ContextScore], max_benign_refusal: float) -> list[ContextScore]:
+    """``rank`` for fully scored contexts."""
+    return sorted(scores, key=lambda s: Row.of_score(s).rank_key(max_benign_refusal))
+
+
+def pick_winner(
+    search: Sequence[ContextScore], holdout: Sequence[ContextScore], max_benign_refusal: float
+) -> ContextScore | None:
+    """The winner is chosen on the held-out split among the finalists (feasible ones first,
+    then by held-out flip rate, then by their search rank)."""
+    ranked = rank_scores(search, max_benign_refusal)
+    if not holdout:
+        return ranked[0] if ranked else None
+    by_id = {s.context.id: s for s in search}
+    order = {s.context.id: i for i, s in enumerate(ranked)}
+
+    def key(score: ContextScore) -> tuple[bool, float, int]:
+        flip = measured(score.flip_rate.value)
+        feasible = Row.of_score(by_id[score.context.id]).feasible(max_benign_refusal)
+        return (not feasible, -(flip if flip is not None else -1.0), order[score.context.id])
+
+    return by_id[min(holdout, key=key).context.id]
+
+
+def to_frame(
+    ranked: Sequence[Row], holdout: Sequence[ContextScore], max_benign_refusal: float
+) -> pd.DataFrame:
+    """The leaderboard table: one row per context, best first, with paired p-values against
+    the leader and the finalists' held-out rates."""
+    holdout_by_id = {s.context.id: s for s in holdout}
+    leader = ranked[0].outcomes if ranked else {}
+    records = []
+    for position, row in enumerate(ranked, start=1):
+        record: dict[str, Any] = {"rank": position}
+        record.update({k: v for k, v in row.items() if k not in ("outcomes", "tags")})
+        record["feasible"] = row.feasible(max_benign_refusal)
+        common = sorted(set(leader) & set(row.outcomes))
+        record["p_vs_leader"] = (
+            paired_test([row.outcomes[i] for i in common], [leader[i] for i in common])
+            if position > 1
+            else float("nan")
+        )
+        held = holdout_by_id.get(row.context.id)
+        if held is not None:
+            rate = held.flip_rate
+            record.update(
+                holdout_flip_rate=rate.value,
+                holdout_flip_rate_low=rate.low,
+                holdout_flip_rate_high=rate.high,
+                holdout_flips=rate.successes,
+                holdout_pool=rate.n,
+            )
+        records.append(record)
+    frame = pd.DataFrame(records)
+    if holdout:
+        frame["holdout_p_vs_runner_up"] = frame["context"].map(_runner_up_p_values(holdout))
+    return frame
+
+
+def _runner_up_p_values(holdout: Sequence[ContextScore]) -> dict[str, float]:
+    """Each finalist against the best other finalist on the held-out split (paired)."""
+    finalists = sorted(holdout, key=lambda s: -(measured(s.flip_rate.value) or -1.0))
+    p_values = {}
+    for i, score in enumerate(finalists):
+        other = finalists[1] if i == 0 and len(finalists) > 1 else finalists[0]
+        p_values[score.context.id] = compare(score, other) if other is not score else float("nan")
+    return p_values
+
+
+def add_corrected_rates(frame: pd.DataFrame, sensitivity: float, specificity: float) -> None:
+    """Flip rates corrected for judge error (Rogan-Gladen on the teacher's unsafe share).
+
+    The student pool is taken as judged; only the teacher's verdicts on it are corrected.
+    """
+    from flipsearch.judging.agreement import rogan_gladen
+
+    for column in ("flip_rate", "holdout_flip_rate"):
+        if column in frame:
+            frame[f"{column}_corrected"] = frame[column].map(
+                lambda f: f if f != f else 1 - rogan_gladen(1 - f, sensitivity, specificity)
+            )
