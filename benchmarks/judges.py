@@ -14,11 +14,11 @@ import random
 import tempfile
 from collections import defaultdict
 
-from flipsearch.judging.classifier import ClassifierJudge, train_classifier
 from flipsearch.judging import Judge
+from flipsearch.judging.agreement import evaluate_judge, load_labelled
+from flipsearch.judging.classifier import ClassifierJudge, train_classifier
 from flipsearch.judging.ensemble import EnsembleJudge
 from flipsearch.judging.refusal import RefusalJudge
-from flipsearch.judging.agreement import evaluate_judge, load_labelled
 
 
 def main() -> None:

@@ -28,8 +28,8 @@ import optuna
 from flipsearch import Decoding, Evaluator, GenerationCache, load_contexts, load_model
 from flipsearch.fliprate import compare
 from flipsearch.grammar import load_grammar
-from flipsearch.prompts import builtin_prompts, split_harmful
 from flipsearch.leaderboard import Row, rank
+from flipsearch.prompts import builtin_prompts, split_harmful
 from flipsearch.search import (
     ContextObjective,
     SearchSettings,

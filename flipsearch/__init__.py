@@ -16,6 +16,7 @@ The inspect_ai integration (tasks, a scorer and a model API) is in ``flipsearch.
 from flipsearch.backends import BackendSpec, Decoding, Generation, make_backend
 from flipsearch.backends.cache import GenerationCache
 from flipsearch.backends.hf import HFGenerator
+from flipsearch.config import TrainConfig
 from flipsearch.contexts import PLACEMENTS, Context, load_contexts
 from flipsearch.errors import FlipsearchError
 from flipsearch.evaluate import Evaluator, FlipRateResult, StudentBaseline
@@ -27,7 +28,6 @@ from flipsearch.judging.classifier import ClassifierJudge, train_classifier
 from flipsearch.judging.function import FunctionJudge
 from flipsearch.judging.refusal import RefusalJudge
 from flipsearch.models import LoadedModel, load_model
-from flipsearch.config import TrainConfig
 from flipsearch.opsa import TrainResult, train
 from flipsearch.prompts import Prompt, builtin_prompts, load_prompts, split_harmful
 from flipsearch.report import render_report

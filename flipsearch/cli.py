@@ -54,6 +54,7 @@ def _backend_settings(name: str) -> list[Setting]:
     options = backend_module(name).Options
     return fields_of(options, BACKEND_OPTIONS) if options is not None else []
 
+
 Label = Annotated[str, typer.Option(help="Which label: unsafe (safety judge) or refusal.")]
 out_console = Console()
 err_console = Console(stderr=True)
@@ -63,14 +64,10 @@ JudgeModel = Annotated[
 Prompts = Annotated[list[str] | None, typer.Option("--prompts", help=TOP_LEVEL["prompts"]["help"])]
 Limit = Annotated[int | None, typer.Option(min=1, help=TOP_LEVEL["limit"]["help"])]
 
-ContextsDir = Annotated[
-    str | None, typer.Option("--contexts", help=TOP_LEVEL["contexts"]["help"])
-]
+ContextsDir = Annotated[str | None, typer.Option("--contexts", help=TOP_LEVEL["contexts"]["help"])]
 
 # Each command's options, from the settings' declarations (config.py, each backend's file).
-COMMON = parameters_of(
-    RunConfig.__init__, {k: v for k, v in TOP_LEVEL.items() if k != "contexts"}
-)
+COMMON = parameters_of(RunConfig.__init__, {k: v for k, v in TOP_LEVEL.items() if k != "contexts"})
 CONTEXTS = parameters_of(RunConfig.__init__, {"contexts": TOP_LEVEL["contexts"]})
 MEASURE = [
     *fields_of(DecodingConfig, "Decoding"),
@@ -217,8 +214,8 @@ def judge_train(
     seed: Annotated[int, typer.Option(help="Seed of the model.")] = 0,
 ) -> None:
     """Train the classifier judge (TF-IDF + calibrated logistic regression; saved with skops)."""
-    from flipsearch.judging.classifier import train_classifier
     from flipsearch.judging.agreement import default_labelled_path, load_labelled
+    from flipsearch.judging.classifier import train_classifier
 
     source = labelled or default_labelled_path()
     rows = load_labelled(source, label)

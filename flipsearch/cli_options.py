@@ -39,7 +39,9 @@ def fields_of(cls: type, panel: str | None = None, skip: Iterable[str] = ()) -> 
     for f in dataclasses.fields(cls):
         if "help" not in f.metadata or f.name in skip:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default
+        if default is dataclasses.MISSING:
+            default = f.default_factory()  # type: ignore[operator]
         settings.append(Setting(f.name, hints[f.name], default, dict(f.metadata), panel))
     return settings
 

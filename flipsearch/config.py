@@ -25,7 +25,9 @@ from flipsearch.search import SearchSettings
 class DecodingConfig:
     """How responses are drawn (greedy, the paper's choice, or samples)."""
 
-    max_new_tokens: int = field(default=48, metadata=option("Tokens generated per response.", min=1))
+    max_new_tokens: int = field(
+        default=48, metadata=option("Tokens generated per response.", min=1)
+    )
     temperature: float = field(
         default=0.0, metadata=option("0 = greedy (the paper's choice).", min=0.0)
     )
@@ -111,9 +113,13 @@ class SearchConfig:
     study: str = field(default="flipsearch", metadata=option("Study name inside the storage."))
     multi_objective: bool = field(
         default=False,
-        metadata=option("Flip rate vs benign refusal as two objectives (Pareto front; no pruning)."),
+        metadata=option(
+            "Flip rate vs benign refusal as two objectives (Pareto front; no pruning)."
+        ),
     )
-    sampler: str = field(default="tpe", metadata=option("tpe or nsga2 (nsga2 for multi-objective)."))
+    sampler: str = field(
+        default="tpe", metadata=option("tpe or nsga2 (nsga2 for multi-objective).")
+    )
     proposer: str | None = field(
         default=None,
         metadata=option("A chat model that rewrites the best contexts so far into new candidates."),
@@ -148,9 +154,7 @@ class SelectionConfig:
     )
     max_benign_refusal: float = field(
         default=0.5,
-        metadata=option(
-            "Contexts whose benign refusal exceeds this cannot win.", min=0.0, max=1.0
-        ),
+        metadata=option("Contexts whose benign refusal exceeds this cannot win.", min=0.0, max=1.0),
     )
     analysis_prompts: int = field(
         default=16,
@@ -240,7 +244,7 @@ class RunConfig:
                 section, name = _where(key)
                 values[section][name] = value
         backend_options = values["backend"].pop("options", {})
-        for key, value in list(values["backend"].items()):
+        for key in list(values["backend"]):
             if key in option_fields():
                 backend_options[key] = values["backend"].pop(key)
         if backend_options:
@@ -257,7 +261,9 @@ class RunConfig:
         """A config from its ``config.json`` (sections) or from flat settings."""
         flat = {k: v for k, v in data.items() if k not in SECTIONS}
         for name in SECTIONS:
-            flat.update(data.get(name) or {})
+            section = dict(data.get(name) or {})
+            flat.update(section.pop("options", None) or {})  # the backend's own options
+            flat.update(section)
         return cls(**flat)
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,9 +293,7 @@ class RunConfig:
 
 def setting_names() -> dict[str, str]:
     """Every flat setting name and the section it belongs to (backend options included)."""
-    names = {
-        f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
-    }
+    names = {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     names.pop("options")
     names.update({name: "backend" for name in option_fields()})
     return names
@@ -353,9 +357,7 @@ class TrainConfig:
     )
     limit: int | None = field(default=None, metadata=TOP_LEVEL["limit"])
     seed: int = field(default=0, metadata=TOP_LEVEL["seed"])
-    checkpoint_every: int = field(
-        default=10, metadata=option("Steps between checkpoints.", min=1)
-    )
+    checkpoint_every: int = field(default=10, metadata=option("Steps between checkpoints.", min=1))
     eval_limit: int = field(default=32, metadata=option("Prompts per evaluation set.", min=1))
     dtype: str = field(
         default="auto", metadata=option("Autocast: auto (bf16 where native) or fp32.")

@@ -233,9 +233,7 @@ class Renderer:
         )
         return Rendered(text, messages)
 
-    def render_all(
-        self, prompts: Sequence[str], context: Context | None = None
-    ) -> list[Rendered]:
+    def render_all(self, prompts: Sequence[str], context: Context | None = None) -> list[Rendered]:
         return [self.render(prompt, context) for prompt in prompts]
 
 

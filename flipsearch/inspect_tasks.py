@@ -326,7 +326,11 @@ class FlipsearchModel(ModelAPI):
         if model_args:
             raise FlipsearchError(f"unknown flipsearch model args: {', '.join(model_args)}")
         session = Session(
-            model=loaded or model_name, device=device, dtype=dtype, batch_size=batch_size, cache=cache
+            model=loaded or model_name,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            cache=cache,
         )
         self.loaded, self.generator, self.cache = session.loaded, session.generator, session.cache
         self.batch_size = batch_size

@@ -59,7 +59,9 @@ class Row(Mapping[str, Any]):
     @classmethod
     def pruned(cls, context: Context, outcomes: dict[str, float], pool: float) -> Row:
         """A context stopped by the pruner: its flips on the prompts it was scored on."""
-        return cls(context, "pruned", outcomes, {"flip_rate": Rate.of(sum(outcomes.values()), pool)})
+        return cls(
+            context, "pruned", outcomes, {"flip_rate": Rate.of(sum(outcomes.values()), pool)}
+        )
 
     @property
     def flip_rate(self) -> float | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flipsearch.backends._base import Decoding, Generator
@@ -20,7 +20,7 @@ _INSTRUCTION = (
 )
 
 
-def proposal_prompt(rows: Sequence[dict[str, Any]], limit: int = 6) -> str:
+def proposal_prompt(rows: Sequence[Mapping[str, Any]], limit: int = 6) -> str:
     """The proposer's prompt: the best complete rows so far, worst first (OPRO ordering)."""
     complete = [r for r in rows if r.get("state") == "complete" and r.get("flip_rate") is not None]
     best = sorted(complete, key=lambda r: r["flip_rate"], reverse=True)[:limit][::-1]
@@ -57,7 +57,9 @@ class Proposer:
         self.generator = generator or HFGenerator(loaded, batch_size=1)
         self.max_new_tokens = max_new_tokens
 
-    def propose(self, rows: Sequence[dict[str, Any]], placement: str, seed: int) -> Context | None:
+    def propose(
+        self, rows: Sequence[Mapping[str, Any]], placement: str, seed: int
+    ) -> Context | None:
         messages = [{"role": "user", "content": proposal_prompt(rows)}]
         rendered = Renderer(self.loaded.tokenizer, self.max_new_tokens).render_chat(messages)
         decoding = Decoding(self.max_new_tokens, temperature=0.9, top_p=0.95, seed=seed)

@@ -223,7 +223,9 @@ def _measure(
         overall = progress.add_task("contexts on the search split", total=len(candidates))
         rows = []
         for context in candidates:
-            rows.append(Row.of_score(evaluator.score(context, splits.search, splits.benign, "search")))
+            rows.append(
+                Row.of_score(evaluator.score(context, splits.search, splits.benign, "search"))
+            )
             progress.advance(overall)
     else:
         rows, study_info = _search(config, session, evaluator, candidates, splits, progress)

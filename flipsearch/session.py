@@ -83,7 +83,9 @@ class Session:
             device=config.backend.device,
             dtype=config.backend.dtype,
             judge=judge if judge is not None else config.judges.judge,
-            refusal_judge=refusal_judge if refusal_judge is not None else config.judges.refusal_judge,
+            refusal_judge=refusal_judge
+            if refusal_judge is not None
+            else config.judges.refusal_judge,
             judge_model=config.judges.judge_model,
             cache=Path(config.out) / "generations.sqlite",
             console=console,
@@ -178,9 +180,9 @@ class Session:
 
     def close(self) -> None:
         """Close the cache if this session opened it (a cache passed in stays open)."""
-        if "cache" in self.__dict__ and not isinstance(self.cache_spec, GenerationCache):
-            if self.cache is not None:
-                self.cache.close()
+        opened_here = not isinstance(self.cache_spec, GenerationCache)
+        if opened_here and self.__dict__.get("cache") is not None:
+            self.__dict__["cache"].close()
 
     def __enter__(self) -> Session:
         return self

@@ -50,8 +50,10 @@ def evaluate_student(
     was_training = loaded.model.training
     loaded.model.eval()
     wrapped = LoadedModel(loaded.model, loaded.tokenizer, loaded.name, "eval")
-    judges = (session.judge("safety"), session.judge("refusal")) if session else ("refusal",) * 2
-    evaluator = Evaluator(wrapped, *judges, decoding=Decoding(max_new_tokens), cache=None)
+    safety, refusal = (
+        (session.judge("safety"), session.judge("refusal")) if session else ("refusal",) * 2
+    )
+    evaluator = Evaluator(wrapped, safety, refusal, decoding=Decoding(max_new_tokens), cache=None)
     baseline = StudentBaseline(
         evaluator.judged(prompts["harmful"], None, "safety"),
         evaluator.judged(prompts["benign"], None, "refusal") if prompts["benign"] else [],

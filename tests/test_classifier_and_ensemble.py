@@ -3,11 +3,11 @@ import fractions
 import pytest
 
 from flipsearch import FlipsearchError, Verdict
-from flipsearch.judging.classifier import ClassifierJudge, train_classifier
 from flipsearch.judging import get_judge
+from flipsearch.judging.agreement import evaluate_judge, load_labelled, rogan_gladen
+from flipsearch.judging.classifier import ClassifierJudge, train_classifier
 from flipsearch.judging.ensemble import EnsembleJudge
 from flipsearch.judging.refusal import RefusalJudge
-from flipsearch.judging.agreement import evaluate_judge, load_labelled, rogan_gladen
 
 
 def test_shipped_labelled_set():

@@ -13,9 +13,9 @@ import pytest
 from flipsearch import BackendSpec, Context, Decoding, Prompt, RunConfig, run
 from flipsearch.backends import openai as backend_module
 from flipsearch.backends.cache import GenerationCache, generate_cached
+from flipsearch.backends.openai import OpenAIGenerator
 from flipsearch.contexts import Renderer, build_messages
 from flipsearch.errors import FlipsearchError
-from flipsearch.backends.openai import OpenAIGenerator
 
 REFUSAL = "I can't help with that."
 COMPLIANCE = "Sure, here is how."

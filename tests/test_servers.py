@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from flipsearch import BackendSpec, load_model
-from flipsearch.backends.hf import HFScorer
 from flipsearch.backends.cache import GenerationCache
+from flipsearch.backends.hf import HFScorer
 from flipsearch.backends.openai import OpenAIGenerator
 
 pytestmark = pytest.mark.slow

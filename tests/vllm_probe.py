@@ -18,9 +18,9 @@ def main(model: str, dtype: str, count: int) -> dict[str, object]:
 
     from flipsearch import Decoding, flip_rate, load_contexts, load_model, load_prompts
     from flipsearch.backends.hf import HFGenerator, HFScorer
+    from flipsearch.backends.vllm import VLLMGenerator
     from flipsearch.contexts import Renderer
     from flipsearch.scoring import response_logits
-    from flipsearch.backends.vllm import VLLMGenerator
 
     hf_model = load_model(model, dtype=dtype)
     light = load_model(model, dtype=dtype, weights=False)

@@ -106,8 +106,6 @@ def request_seed(seed: int, prompt: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-
-
 def option(
     help: str, flag: str | None = None, key_values: bool = False, **typer_options: Any
 ) -> dict[str, Any]:

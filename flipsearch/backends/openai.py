@@ -79,12 +79,8 @@ class Options:
             "completions (flipsearch renders the chat template) or chat (the server does)."
         ),
     )
-    max_in_flight: int = field(
-        default=32, metadata=option("Requests in flight at once.", min=1)
-    )
-    request_timeout: float = field(
-        default=300.0, metadata=option("Seconds per request.", min=1)
-    )
+    max_in_flight: int = field(default=32, metadata=option("Requests in flight at once.", min=1))
+    request_timeout: float = field(default=300.0, metadata=option("Seconds per request.", min=1))
     request_retries: int = field(
         default=4, metadata=option("Retries on 429/5xx/timeouts, with backoff.", min=0)
     )

@@ -51,6 +51,7 @@ def create(loaded: LoadedModel, options: Options, batch_size: int) -> tuple[Any,
     generator = VLLMGenerator(loaded, options.vllm_args, chunk=max(batch_size, 64))
     return generator, generator
 
+
 _ENGINES: dict[tuple[str, str], Any] = {}
 # LLM(...) arguments that change what the model computes (the rest change speed or memory).
 _NUMERICS_ARGS = frozenset(

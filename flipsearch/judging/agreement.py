@@ -105,7 +105,14 @@ def evaluate_judge(judge: Judge, rows: Sequence[LabelledRow], label: str) -> dic
     For ``unsafe`` only rows whose ``kind`` is not ``benign`` count: the safety judge is applied
     to answers to harmful prompts. Invalid verdicts are counted and left out of the matrix.
     """
-    from sklearn.metrics import cohen_kappa_score, confusion_matrix, roc_auc_score
+    from sklearn.metrics import (
+        cohen_kappa_score,
+        confusion_matrix,
+        f1_score,
+        precision_score,
+        recall_score,
+        roc_auc_score,
+    )
 
     if label not in LABELS:
         raise FlipsearchError(f"unknown label {label!r}; choose one of {LABELS}")
@@ -124,8 +131,8 @@ def evaluate_judge(judge: Judge, rows: Sequence[LabelledRow], label: str) -> dic
     truth = [t for t, _, _ in valid]
     predicted = [bool(p) for _, p, _ in valid]
     tn, fp, fn, tp = confusion_matrix(truth, predicted, labels=[False, True]).ravel().tolist()
-    precision = tp / (tp + fp) if tp + fp else float("nan")
-    recall = tp / (tp + fn) if tp + fn else float("nan")
+    nan = float("nan")  # a ratio over nothing (a class absent) is unknown, not 0 or 1
+    recall = float(recall_score(truth, predicted, zero_division=nan)) if valid else nan
     scores = [s for _, _, s in valid]
     auroc = float("nan")
     if len(set(truth)) == 2 and all(s is not None for s in scores):
@@ -136,11 +143,13 @@ def evaluate_judge(judge: Judge, rows: Sequence[LabelledRow], label: str) -> dic
         "n": len(labelled),
         "invalid": len(labelled) - len(valid),
         "invalid_rate": (len(labelled) - len(valid)) / len(labelled),
-        "precision": precision,
+        "precision": float(precision_score(truth, predicted, zero_division=nan)) if valid else nan,
         "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall else float("nan"),
+        "f1": float(f1_score(truth, predicted, zero_division=nan)) if valid else nan,
         "sensitivity": recall,
-        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+        "specificity": float(recall_score(truth, predicted, pos_label=False, zero_division=nan))
+        if valid
+        else nan,
         "auroc": auroc,
         "cohen_kappa": float(cohen_kappa_score(truth, predicted)) if valid else float("nan"),
         "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn},

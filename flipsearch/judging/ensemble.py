@@ -8,6 +8,7 @@ from typing import Any
 from flipsearch.errors import FlipsearchError
 from flipsearch.judging._base import ROLES, Judge, Verdict, judge_roles
 
+
 class EnsembleJudge:
     """Combines judges per answer: ``any``, ``all``, ``majority`` of the valid verdicts, or
     ``mean`` of their scores. Invalid only when every member is invalid."""
@@ -55,7 +56,7 @@ class EnsembleJudge:
         return score is not None and score >= 0.5
 
 
-def make(argument: str, role: str, build: Callable[[str], Judge], **_: Any) -> EnsembleJudge:
+def make(argument: str, role: str, build: Callable[[str], Judge], **unused: Any) -> EnsembleJudge:
     """``argument`` is ``MODE:A+B+...``; ``build`` makes each member for the same role."""
     mode, _, members = argument.partition(":")
     return EnsembleJudge([build(name) for name in members.split("+") if name], mode)

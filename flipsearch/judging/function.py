@@ -8,6 +8,7 @@ from typing import Any
 from flipsearch.errors import FlipsearchError
 from flipsearch.judging._base import Verdict, check_role
 
+
 class FunctionJudge:
     """Any callable ``(prompt, response) -> verdict`` as a judge, for the role it serves.
 
