@@ -15,15 +15,15 @@ def test_prompts_and_judges_need_no_model():
     assert session.judge("refusal").name == "refusal"
     assert "loaded" not in session.__dict__  # nothing asked for the weights
     with pytest.raises(FlipsearchError):
-        session.loaded
+        _ = session.loaded
 
 
 def test_prompt_objects_and_duplicate_ids():
     prompts = [Prompt("a", "harmful", "c", "x"), Prompt("a", "benign", "c", "y")]
     with pytest.raises(FlipsearchError, match="prompt id 'a' appears in more than one"):
-        Session(prompts=prompts).prompts
+        _ = Session(prompts=prompts).prompts
     with pytest.raises(FlipsearchError, match="not a mix"):
-        Session(prompts=[prompts[0], "builtin:harmful"]).prompts
+        _ = Session(prompts=[prompts[0], "builtin:harmful"]).prompts
 
 
 def test_a_run_config_opens_its_own_cache_and_backend(tiny_model, tmp_path):
