@@ -70,3 +70,18 @@ def test_cache_generates_nothing_twice(tiny_model, tmp_path):
     _, other = generate_cached(generator, reopened, rendered, Decoding(max_new_tokens=7))
     assert other == len(rendered)  # decoding settings are part of the key
     assert len(reopened) == 2 * len(rendered)
+
+
+def test_a_new_cache_file_always_has_its_table(tmp_path):
+    """Another process opening the cache while it is being created sees the table, never an
+    empty SQLite file (it is created aside and linked into place)."""
+    import sqlite3
+
+    path = tmp_path / "run" / "generations.sqlite"
+    first = GenerationCache(path)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM generations").fetchone() == (0,)
+    second = GenerationCache(path)  # the file exists: opened, not replaced
+    assert len(second) == 0 and not list(path.parent.glob(".*.new"))
+    first.close()
+    second.close()

@@ -123,7 +123,11 @@ def test_score_through_a_real_openai_server(server, tmp_path, embedded_model_dir
     [served] = generator.token_logprobs(request)
     [local] = HFScorer(loaded).token_logprobs(request)
     assert len(served) == len(local)
-    assert max(abs(a - b) for a, b in zip(served, local, strict=True)) < 0.25  # bf16 both
+    # Both are bf16: they may differ by as much as bf16 rounding moves transformers' own answer
+    # from fp32 on these tokens (0.25 nats here with transformers 5.24), and no more.
+    [exact] = HFScorer(load_model(str(embedded_model_dir), dtype="fp32")).token_logprobs(request)
+    rounding = max(abs(a - b) for a, b in zip(local, exact, strict=True))
+    assert max(abs(a - b) for a, b in zip(served, local, strict=True)) < max(0.25, 1.5 * rounding)
 
     check_chat_endpoint(url, loaded)
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from pathlib import Path
 
 from flipsearch.backends._base import Decoding, Generation, Generator
@@ -41,6 +43,8 @@ class GenerationCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            _create(self.path)
         # Used from one thread at a time, but not always the one that opened it (the inspect
         # model API generates in a worker thread).
         self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
@@ -89,6 +93,25 @@ class GenerationCache:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _create(path: Path) -> None:
+    """Create the database with its table, then link it into place: another process never
+    sees a file without the table, and of two processes creating it at once one wins whole."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}.new")
+    staging.unlink(missing_ok=True)
+    with closing(sqlite3.connect(staging)) as db:
+        db.execute(_SCHEMA)
+        db.commit()
+    try:
+        os.link(staging, path)
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links: move it, unless someone was first
+        if not path.exists():
+            staging.replace(path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def generate_cached(
