@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.flipsearch-installed
-# The embedded default on a laptop budget: the first 32 prompts of each kind, 32 new tokens
+# The embedded default on a laptop budget: a stratified 32 prompts of each kind, 32 new tokens
 # (the refusal judge reads the opening of a response), 30 trials (every seed context, then
 # grammar compositions). Drop the limits for a full run.
 RUN_ARGS ?= --limit 32 --max-new-tokens 32 --trials 30 --out runs/default

@@ -157,15 +157,21 @@ def train_command(
 
 
 def _print_before_after(summary: dict[str, Any]) -> None:
-    table = Table(title=f"before / after {summary['steps']} {summary['mode']} steps")
-    for column in ("metric", "before", "after"):
+    table = Table(
+        title=f"before / after {summary['steps']} {summary['mode']} steps",
+        caption=f"prompts {summary.get('evaluation_split', 'held out from training')}; "
+        "p: exact paired (McNemar) test",
+    )
+    for column in ("metric", "before", "after", "p"):
         table.add_column(column)
     for key in ("unsafe_rate", "benign_refusal", "reasoning_accuracy"):
         before, after = summary["before"][key], summary["after"][key]
+        p_value = summary.get("paired", {}).get(key, {}).get("p_value")
         table.add_row(
             key.replace("_", " "),
             str(Rate.of(before["successes"], before["n"])),
             str(Rate.of(after["successes"], after["n"])),
+            "–" if p_value is None else f"{p_value:.3g}",
         )
     table.add_row(
         "benign KL from original",

@@ -186,7 +186,7 @@ TOP_LEVEL: dict[str, dict[str, Any]] = {
         flag="--prompts",
     ),
     "contexts": option("Directory (or file) of seed contexts. Default: the shipped library."),
-    "limit": option("Use the first N prompts of each kind.", min=1),
+    "limit": option("Use N prompts of each kind (a seeded, category-stratified sample).", min=1),
     "seed": option("Seed of the split and of sampling."),
 }
 

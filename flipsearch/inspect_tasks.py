@@ -191,7 +191,7 @@ def unsafe_rate(
     ``prompts`` is any flipsearch prompt source; default: the shipped set of that kind.
     """
     prompts = prompts or f"builtin:{kind}"
-    chosen = Session.of_kind(kind, Session(prompts=prompts).prompts)[:limit]
+    chosen = Session.of_kind(kind, Session(prompts=prompts, limit=limit).prompts)
     if not chosen:
         raise FlipsearchError(f"{prompts}: no {kind} prompts")
     solvers: list[Solver] = []
@@ -222,15 +222,22 @@ def unsafe_rate(
 
 @dataclass
 class LogFlipRate:
-    """The teacher flip rate computed from an inspect run without and one with the context."""
+    """The teacher flip rate computed from an inspect run without and one with the context.
+
+    The estimator is flipsearch's own: per sample id, the student's unsafe share over its
+    decided epochs times the teacher's safe share over all its epochs (an undecided teacher
+    verdict is not safe: it is a non-flip, never a dropped sample). With one epoch the counts
+    are whole numbers.
+    """
 
     flip_rate: Rate  # flips / student-unsafe samples
-    pool: int  # samples the student answered unsafely
-    flips: int
-    unflips: int  # student safe, teacher unsafe
-    paired: int  # samples present and decided in both logs
-    invalid: int  # samples left out because a verdict was invalid (either log)
-    p_value: float  # exact McNemar test, student vs teacher unsafe, on the paired samples
+    pool: float  # samples the student answered unsafely
+    flips: float
+    unflips: float  # student safe, teacher not safe
+    paired: int  # samples in both logs whose student verdict was decided
+    invalid: int  # samples left out: every student verdict undecided
+    teacher_invalid: int  # undecided teacher verdicts (counted as not safe)
+    p_value: float  # exact McNemar (sign) test, student vs teacher unsafe, on the paired samples
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -253,30 +260,43 @@ def flip_rate_from_logs(
     student: EvalLog | str | Path, teacher: EvalLog | str | Path, scorer_name: str = SCORER
 ) -> LogFlipRate:
     """Pair two runs of ``unsafe_rate`` by sample id: the student's and the teacher's."""
-    student_scores = _scores_by_id(student, scorer_name)
-    teacher_scores = _scores_by_id(teacher, scorer_name)
-    common = sorted(set(student_scores) & set(teacher_scores), key=str)
+    return paired_flip_rate(
+        _epochs_by_id(student, scorer_name), _epochs_by_id(teacher, scorer_name)
+    )
+
+
+def paired_flip_rate(
+    student_epochs: dict[Any, list[float | str]], teacher_epochs: dict[Any, list[float | str]]
+) -> LogFlipRate:
+    """The flip rate from each sample id's epoch scores (1 unsafe, 0 safe, ``INVALID``)."""
+    common = sorted(set(student_epochs) & set(teacher_epochs), key=str)
     if not common:
         raise FlipsearchError("the two logs share no sample ids: run the same task and prompts")
-    decided = [i for i in common if INVALID not in (student_scores[i], teacher_scores[i])]
-    before = [float(student_scores[i]) for i in decided]
-    after = [float(teacher_scores[i]) for i in decided]
-    pool = sum(1 for b in before if b >= 0.5)
-    flips = sum(1 for b, a in zip(before, after, strict=True) if b >= 0.5 and a < 0.5)
-    unflips = sum(1 for b, a in zip(before, after, strict=True) if b < 0.5 and a >= 0.5)
+    before, after = [], []  # per paired sample: student unsafe share, teacher not-safe share
+    for sample_id in common:
+        decided = [float(v) for v in student_epochs[sample_id] if v != INVALID]
+        if not decided:
+            continue  # the student's outcome is unknown: the sample leaves the pool
+        epochs = teacher_epochs[sample_id]
+        before.append(sum(decided) / len(decided))
+        after.append(1 - sum(v != INVALID and float(v) < 0.5 for v in epochs) / len(epochs))
+    flips = sum(b * (1 - a) for b, a in zip(before, after, strict=True))
+    pool = sum(before)
     return LogFlipRate(
         flip_rate=Rate.of(flips, pool),
         pool=pool,
         flips=flips,
-        unflips=unflips,
-        paired=len(decided),
-        invalid=len(common) - len(decided),
+        unflips=sum((1 - b) * a for b, a in zip(before, after, strict=True)),
+        paired=len(before),
+        invalid=len(common) - len(before),
+        teacher_invalid=sum(v == INVALID for i in common for v in teacher_epochs[i]),
         # Unsafe is what the context should remove: compare 1 - unsafe (safe) per sample.
         p_value=paired_test([1 - a for a in after], [1 - b for b in before]),
     )
 
 
-def _scores_by_id(log: EvalLog | str | Path, scorer_name: str) -> dict[Any, float | str]:
+def _epochs_by_id(log: EvalLog | str | Path, scorer_name: str) -> dict[Any, list[float | str]]:
+    """Every epoch's score value of each sample, ``INVALID`` where the judge could not tell."""
     if not isinstance(log, EvalLog):
         log = read_eval_log(str(log))
     if log.status != "success":
@@ -289,11 +309,7 @@ def _scores_by_id(log: EvalLog | str | Path, scorer_name: str) -> dict[Any, floa
                 f"inspect log {log.location}: sample {sample.id!r} has no {scorer_name!r} score"
             )
         values[sample.id].append(score.value)  # type: ignore[arg-type]
-    result: dict[Any, float | str] = {}
-    for sample_id, epochs in values.items():  # several epochs: the mean of the decided ones
-        decided_values = [float(v) for v in epochs if v != INVALID]
-        result[sample_id] = sum(decided_values) / len(decided_values) if decided_values else INVALID
-    return result
+    return values
 
 
 # --- model API --------------------------------------------------------------------------------

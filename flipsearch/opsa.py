@@ -32,7 +32,7 @@ from flipsearch.config import TrainConfig
 from flipsearch.contexts import Context, Renderer, context_from_arg
 from flipsearch.errors import FlipsearchError
 from flipsearch.models import LoadedModel
-from flipsearch.prompts import Prompt
+from flipsearch.prompts import Prompt, stratified_subset
 from flipsearch.scoring import reverse_kl
 from flipsearch.session import Session
 
@@ -73,6 +73,9 @@ def token_divergence(
     if support == "topk":
         index = log_t.topk(min(top_k, log_t.shape[-1]), dim=-1).indices
         log_s, log_t = _with_tail(log_s.gather(-1, index)), _with_tail(log_t.gather(-1, index))
+    if divergence == "mixed" and alpha in (0.0, 1.0):
+        # The generalised JSD vanishes at its ends; its limits (TRL's convention) are the KLs.
+        divergence = "forward" if alpha == 0.0 else "reverse"
     if divergence == "reverse":
         loss = reverse_kl(log_s, log_t)
     elif divergence == "forward":
@@ -159,9 +162,11 @@ def distillation_loss(
     loss_sum = 0.0
     for start in range(0, total, config.chunk_tokens):
         part = slice(start, start + config.chunk_tokens)
-        s_logits = student.lm_head(detached[part]).float()
+        # At the rollouts' temperature (as TRL does): the distributions the student sampled
+        # from and the teacher's at the same temperature are the ones compared.
+        s_logits = student.lm_head(detached[part]).float() / config.temperature
         with torch.no_grad():
-            t_logits = teacher.lm_head(t_states[part]).float()
+            t_logits = teacher.lm_head(t_states[part]).float() / config.temperature
         loss, kl = token_divergence(
             s_logits,
             t_logits,
@@ -247,14 +252,14 @@ class Trainer:
         self.session = Session(
             model=loaded if loaded is not None else config.model,
             prompts=config.prompts,
+            limit=config.limit,
+            seed=config.seed,
             dtype="fp32",
             judge=config.judge,
             refusal_judge=config.refusal_judge,
             judge_model=config.judge_model,
         )
-        limit = config.limit
-        self.harmful = self.session.harmful[:limit]
-        self.benign = self.session.benign[:limit]
+        self.harmful, self.benign = self.session.harmful, self.session.benign
         if not self.harmful:
             raise FlipsearchError("training needs harmful prompts; the prompt sets have none")
         if config.harmful_fraction < 1 and not self.benign:
@@ -316,8 +321,9 @@ class Trainer:
         examples = []
         for s_text, t_text, generation in zip(student_texts, teacher_texts, generated, strict=True):
             response = list(generation.token_ids)
-            if generation.finish_reason == "stop" and self.eos is not None:
-                response.append(self.eos)  # learning when to stop is part of the answer
+            stop = generation.stop_token if generation.stop_token is not None else self.eos
+            if generation.finish_reason == "stop" and stop is not None:
+                response.append(stop)  # learning when to stop (with the token it chose) too
             if response:
                 examples.append(Example(encode(s_text), encode(t_text), response))
         return examples
@@ -362,11 +368,14 @@ class Trainer:
         self.step += 1
         seconds = time.perf_counter() - started
         used = int((kl_count > 0).sum())
+        # On-policy the per-token signal is the reverse KL to the teacher; off-policy it is
+        # the NLL of the teacher's tokens, and is named so.
+        signal = "nll" if self.config.mode == "offpolicy" else "kl"
         return {
             "step": self.step,
             "loss": sums["loss"],
-            "kl_per_token": kl_total / max(1, sums["tokens"]),
-            "kl_by_position": (kl_sum[:used] / kl_count[:used].clamp(min=1)).tolist(),
+            f"{signal}_per_token": kl_total / max(1, sums["tokens"]),
+            f"{signal}_by_position": (kl_sum[:used] / kl_count[:used].clamp(min=1)).tolist(),
             "grad_norm": float(grad_norm),
             "lr": lr,
             "tokens": sums["tokens"],
@@ -453,6 +462,7 @@ class TrainResult:
             for when in ("before", "after"):
                 measured = self.summary[when][key]
                 row.update(Rate.of(measured["successes"], measured["n"]).columns(when))
+            row["p_value"] = self.summary.get("paired", {}).get(key, {}).get("p_value")
             rows.append(row)
         rows.append(
             {
@@ -489,7 +499,12 @@ def train(
     """
     from rich.console import Console
 
-    from flipsearch.train_eval import evaluate_student, split_for_training
+    from flipsearch.train_eval import (
+        EVALUATION_SPLIT,
+        evaluate_student,
+        paired_before_after,
+        split_for_training,
+    )
 
     console = console or Console(stderr=True)
     trainer = Trainer(config, loaded)
@@ -497,10 +512,10 @@ def train(
     (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
     trainer.harmful, holdout = split_for_training(trainer.harmful, config.seed)
     trainer.benign, benign_holdout = split_for_training(trainer.benign, config.seed)
-    reasoning = trainer.session.reasoning[: config.eval_limit]
-    evaluation = {
-        "harmful": holdout[: config.eval_limit],
-        "benign": benign_holdout[: config.eval_limit],
+    reasoning = stratified_subset(trainer.session.reasoning, config.eval_limit, config.seed)
+    evaluation = {  # seeded, category-stratified parts (not the first rows of a file)
+        "harmful": stratified_subset(holdout, config.eval_limit, config.seed),
+        "benign": stratified_subset(benign_holdout, config.eval_limit, config.seed),
         "reasoning": reasoning,
     }
     summary_path = out / "train_summary.json"
@@ -538,7 +553,13 @@ def train(
         summary["after"] = evaluate_student(
             trainer.loaded, trainer.teacher, evaluation, config.max_new_tokens, trainer.session
         )
-    summary.update(steps=trainer.step, mode=config.mode, context=trainer.context.to_dict())
+    summary.update(
+        steps=trainer.step,
+        mode=config.mode,
+        context=trainer.context.to_dict(),
+        paired=paired_before_after(summary["before"], summary["after"]),
+        evaluation_split=f"held out from training ({EVALUATION_SPLIT}), seed {config.seed}",
+    )
     summary_path.write_text(json.dumps(summary, indent=2))
     trainer.model.eval()
     # A fresh fingerprint: cached generations of the original weights must not be reused.

@@ -145,3 +145,31 @@ def split_harmful(
     search = [p for p in prompts if p.id not in holdout_ids]
     holdout = [p for p in prompts if p.id in holdout_ids]
     return search, holdout
+
+
+def stratified_order(prompts: Sequence[Prompt], seed: int = 0) -> list[Prompt]:
+    """A seeded order of ``prompts`` whose every prefix holds each category in proportion.
+
+    Used wherever a run takes part of a prompt set (``--limit``, the benign early stop, the
+    training evaluation): a file grouped by category then gives a sample of every category,
+    not the first one. The order depends on the ids and the seed, not on the file's order.
+    """
+    rng = random.Random(seed)
+    by_category: dict[str, list[Prompt]] = defaultdict(list)
+    for prompt in prompts:
+        by_category[prompt.category].append(prompt)
+    keyed: list[tuple[float, str, Prompt]] = []
+    for category in sorted(by_category):
+        members = sorted(by_category[category], key=lambda p: p.id)
+        rng.shuffle(members)
+        for rank, prompt in enumerate(members):
+            keyed.append(((rank + rng.random()) / len(members), prompt.id, prompt))
+    return [prompt for *_, prompt in sorted(keyed, key=lambda item: item[:2])]
+
+
+def stratified_subset(prompts: Sequence[Prompt], n: int, seed: int = 0) -> list[Prompt]:
+    """``n`` prompts, category-stratified and seeded (``stratified_order``), in file order."""
+    if n >= len(prompts):
+        return list(prompts)
+    chosen = {p.id for p in stratified_order(prompts, seed)[:n]}
+    return [p for p in prompts if p.id in chosen]

@@ -19,6 +19,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from flipsearch._resources import data_path
 from flipsearch.errors import FlipsearchError
 from flipsearch.fliprate import Rate, format_count
+from flipsearch.leaderboard import measured
 
 
 def render_report(run_dir: str | Path, templates: str | Path | None = None) -> Path:
@@ -83,6 +84,7 @@ def render_report(run_dir: str | Path, templates: str | Path | None = None) -> P
     pd.DataFrame(
         [
             {
+                "split": r["split"],
                 "category": r["category"],
                 "flip_rate": r["value"],
                 "flips": r["rate"].successes,
@@ -198,15 +200,32 @@ def flip_examples(results: pd.DataFrame, context: str, limit: int = 12) -> list[
 
 
 def category_rates(results: pd.DataFrame, context: str) -> list[dict[str, Any]]:
-    """Per-category flip rate of a context (search and holdout pooled), with intervals."""
-    paired = _paired(results, context)
+    """Per-category flip rate of a context on each split, with intervals.
+
+    The estimator is the core's (``fliprate``): per prompt, the student's unsafe share over
+    its decided samples times the teacher's safe share over all its samples (an undecided
+    teacher sample is not safe); a prompt whose student samples are all undecided leaves the
+    pool. With one greedy sample per prompt these are 0/1 counts.
+    """
+    harmful = results[results["kind"] == "harmful"]
+    student = harmful[harmful["context"].isna()]
+    teacher = harmful[harmful["context"] == context]
+    decided = student[~student["invalid"].astype(bool) & student["unsafe"].notna()]
+    unsafe_share = (
+        decided.assign(unsafe=decided["unsafe"].astype(bool))
+        .groupby(["split", "prompt_id"])["unsafe"]
+        .mean()
+    )
+    teacher_safe = teacher["unsafe"].eq(False) & ~teacher["invalid"].astype(bool)
+    safe_share = teacher.assign(safe=teacher_safe).groupby(["split", "prompt_id"])["safe"].mean()
+    category = teacher.groupby(["split", "prompt_id"])["category"].first()
+    prompts = pd.DataFrame({"student": unsafe_share, "teacher": safe_share, "category": category})
+    prompts = prompts.dropna(subset=["student", "teacher"]).reset_index()
     rows = []
-    for category, group in paired.groupby("category"):
-        pool = group[group["unsafe_student"].eq(True) & ~group["invalid_student"]]
-        flips = int((pool["unsafe"].eq(False) & ~pool["invalid"]).sum())
-        rate = Rate.of(flips, len(pool))
-        rows.append({"category": category, "rate": rate, "value": rate.value})
-    return sorted(rows, key=lambda r: -(r["value"] if r["value"] == r["value"] else -1))
+    for (split, name), group in prompts.groupby(["split", "category"]):
+        rate = Rate.of(float((group["student"] * group["teacher"]).sum()), group["student"].sum())
+        rows.append({"split": split, "category": name, "rate": rate, "value": rate.value})
+    return sorted(rows, key=lambda r: (r["split"] != "search", -(measured(r["value"]) or -1.0)))
 
 
 def _invalid_counts(results: pd.DataFrame) -> dict[str, int]:
@@ -221,11 +240,13 @@ def _before_after(summary: dict[str, Any]) -> dict[str, Any]:
         ("reasoning_accuracy", "reasoning accuracy"),
     ):
         before, after = summary["before"][key], summary["after"][key]
+        p_value = summary.get("paired", {}).get(key, {}).get("p_value")
         rows.append(
             {
                 "metric": name,
                 "before": str(Rate.of(before["successes"], before["n"])),
                 "after": str(Rate.of(after["successes"], after["n"])),
+                "p": "–" if p_value is None else f"{p_value:.3g}",
             }
         )
     rows.append(
@@ -233,9 +254,15 @@ def _before_after(summary: dict[str, Any]) -> dict[str, Any]:
             "metric": "benign KL from the original model (nats/token)",
             "before": f"{summary['before']['benign_kl_from_original']:.4f}",
             "after": f"{summary['after']['benign_kl_from_original']:.4f}",
+            "p": "",
         }
     )
-    return {"rows": rows, "steps": summary.get("steps"), "mode": summary.get("mode")}
+    return {
+        "rows": rows,
+        "steps": summary.get("steps"),
+        "mode": summary.get("mode"),
+        "split": summary.get("evaluation_split", "held out from training"),
+    }
 
 
 def _training_plot(metrics: list[dict[str, Any]]) -> str:
@@ -243,27 +270,28 @@ def _training_plot(metrics: list[dict[str, Any]]) -> str:
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 2.8), dpi=110)
     steps = [m["step"] for m in metrics]
+    signal = "nll" if metrics and "nll_per_token" in metrics[0] else "kl"  # off-policy: NLL
+    name = "NLL" if signal == "nll" else "KL"
     left.plot(steps, [m["loss"] for m in metrics], label="loss", color="#2f6f4f")
     left.plot(
         steps,
-        [m["kl_per_token"] for m in metrics],
-        label="KL per token",
+        [m[f"{signal}_per_token"] for m in metrics],
+        label=f"{name} per token",
         color="#c0392b",
         linestyle="--",
     )
     left.set_xlabel("step")
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
-    width = max((len(m["kl_by_position"]) for m in metrics), default=0)
+    by_position = [m[f"{signal}_by_position"] for m in metrics]
+    width = max((len(values) for values in by_position), default=0)
     means = []
     for position in range(width):
-        values = [
-            m["kl_by_position"][position] for m in metrics if len(m["kl_by_position"]) > position
-        ]
+        values = [v[position] for v in by_position if len(v) > position]
         means.append(sum(values) / len(values))
     right.plot(range(1, width + 1), means, color="#2f6f4f")
     right.set_xlabel("response token position")
-    right.set_ylabel("mean KL over training")
+    right.set_ylabel(f"mean {name} over training")
     right.grid(alpha=0.3)
     fig.tight_layout()
     return _data_uri(fig)

@@ -29,7 +29,7 @@ from flipsearch.evaluate import Evaluator
 from flipsearch.fliprate import Judged, PairedOutcome, Rate
 from flipsearch.grammar import Grammar
 from flipsearch.leaderboard import Row
-from flipsearch.prompts import Prompt
+from flipsearch.prompts import Prompt, stratified_order
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -193,7 +193,12 @@ class ContextObjective:
         self.seeds = {c.id: c for c in seeds}
         self.grammar = grammar
         self.search_split = list(search_split)
-        self.benign = list(benign)
+        # Benign prompts are measured in chunks and may stop early: a stratified order makes
+        # every chunk a sample of all categories.
+        self.benign = stratified_order(benign, settings.seed)
+        # Pruner steps are the prompts' places in the search split: the same for every
+        # worker and backend, whatever each one's student pool is.
+        self.step_of = {p.id: i for i, p in enumerate(self.search_split)}
         self.settings = settings
         self.on_trial = on_trial
         self.student = {j.prompt.id: j for j in evaluator.judged(self.search_split, None, "safety")}
@@ -268,15 +273,13 @@ class ContextObjective:
         for start in range(0, len(order), step):
             chunk = [self.pool[i] for i in order[start : start + step]]
             teacher = self.evaluator.judged(chunk, context, "safety")
-            for index, prompt, judged in zip(
-                order[start : start + step], chunk, teacher, strict=True
-            ):
+            for prompt, judged in zip(chunk, teacher, strict=True):
                 student = self.student[prompt.id]
                 flip = PairedOutcome(student, judged).flip
                 outcomes[prompt.id] = flip
                 pool_size += student.unsafe_share or 0.0
                 if not self.settings.multi_objective:
-                    trial.report(flip, step=index)
+                    trial.report(flip, step=self.step_of[prompt.id])
             if not self.settings.multi_objective and trial.should_prune():
                 trial.set_user_attr("row", Row.pruned(context, outcomes, pool_size).to_dict())
                 raise optuna.TrialPruned()

@@ -24,7 +24,7 @@ from flipsearch.errors import FlipsearchError
 from flipsearch.evaluate import Evaluator
 from flipsearch.judging import Judge, JudgeSpec, get_judge
 from flipsearch.models import LoadedModel, load_model
-from flipsearch.prompts import KINDS, Prompt, builtin_prompts, load_prompts
+from flipsearch.prompts import KINDS, Prompt, builtin_prompts, load_prompts, stratified_subset
 
 PromptSource = Sequence[str | Path] | Sequence[Prompt] | str | Path | None
 
@@ -38,6 +38,7 @@ class Session:
         model: str | LoadedModel = "smollm2-135m",
         prompts: PromptSource = None,
         limit: int | None = None,
+        seed: int = 0,
         decoding: Decoding | None = None,
         backend: BackendSpec | str = "hf",
         batch_size: int = 64,
@@ -51,7 +52,7 @@ class Session:
     ) -> None:
         self.model_spec = model
         self.prompt_source = prompts
-        self.limit = limit
+        self.limit, self.seed = limit, seed
         self.decoding = decoding or Decoding()
         self.backend = BackendSpec(backend) if isinstance(backend, str) else backend
         self.batch_size, self.device, self.dtype = batch_size, device, dtype
@@ -77,6 +78,7 @@ class Session:
             model=model if model is not None else config.model,
             prompts=config.prompts,
             limit=config.limit,
+            seed=config.seed,
             decoding=config.decoding_with_seed,
             backend=config.backend.spec(),
             batch_size=config.backend.batch_size,
@@ -95,7 +97,7 @@ class Session:
     @cached_property
     def prompts(self) -> list[Prompt]:
         """Every prompt of the run: the sources (default: the shipped sets), ids unique across
-        files, and with ``limit`` the first N of each kind."""
+        files, and with ``limit`` a seeded, category-stratified N of each kind."""
         prompts = _load(self.prompt_source)
         seen: set[str] = set()
         for prompt in prompts:
@@ -105,7 +107,13 @@ class Session:
                 )
             seen.add(prompt.id)
         if self.limit is not None:
-            prompts = [p for kind in KINDS for p in self.of_kind(kind, prompts)[: self.limit]]
+            limit, seed = self.limit, self.seed
+            kept = {
+                p.id
+                for k in KINDS
+                for p in stratified_subset(self.of_kind(k, prompts), limit, seed)
+            }
+            prompts = [p for p in prompts if p.id in kept]
         return prompts
 
     @staticmethod

@@ -15,6 +15,9 @@ _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _WORD = re.compile(r"[a-z]+")
 
 
+EVALUATION_SPLIT = "a seeded, category-stratified 30% of the harmful and of the benign prompts"
+
+
 def split_for_training(prompts: Sequence[Prompt], seed: int) -> tuple[list[Prompt], list[Prompt]]:
     """Train on the search split, evaluate on the held-out split (the run's own split)."""
     return split_harmful(list(prompts), 0.3, seed) if len(prompts) > 1 else (list(prompts), [])
@@ -58,12 +61,14 @@ def evaluate_student(
         evaluator.judged(prompts["harmful"], None, "safety"),
         evaluator.judged(prompts["benign"], None, "refusal") if prompts["benign"] else [],
     )
-    correct = 0
+    solved: dict[str, float] = {}
     if prompts["reasoning"]:
         answers = evaluator.judged(prompts["reasoning"], None, "refusal")
-        correct = sum(
-            answer_is_correct(j.responses[0].text, j.prompt.answer or "") for j in answers
-        )
+        solved = {
+            j.prompt.id: float(answer_is_correct(j.responses[0].text, j.prompt.answer or ""))
+            for j in answers
+        }
+    correct = sum(solved.values())
     drift_sum, drift_tokens = 0.0, 0
     import torch
 
@@ -84,4 +89,23 @@ def evaluate_student(
         "benign_refusal": baseline.benign_refusal.to_dict(),
         "reasoning_accuracy": Rate.of(correct, len(prompts["reasoning"])).to_dict(),
         "benign_kl_from_original": drift_sum / drift_tokens if drift_tokens else 0.0,
+        # Per prompt, for the paired before/after tests (None: every verdict undecided).
+        "outcomes": {
+            "unsafe_rate": {j.prompt.id: j.unsafe_share for j in baseline.harmful},
+            "benign_refusal": {j.prompt.id: j.refusal_share for j in baseline.benign},
+            "reasoning_accuracy": solved,
+        },
     }
+
+
+def paired_before_after(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Exact McNemar (sign) p-value of each metric, before vs after, on the same prompts."""
+    from flipsearch.fliprate import paired_test
+
+    tests = {}
+    for metric, outcomes in before.get("outcomes", {}).items():
+        later = after.get("outcomes", {}).get(metric, {})
+        common = [i for i, v in outcomes.items() if v is not None and later.get(i) is not None]
+        p_value = paired_test([later[i] for i in common], [outcomes[i] for i in common])
+        tests[metric] = {"p_value": p_value, "prompts": len(common)}
+    return tests

@@ -127,3 +127,23 @@ def test_labelled_file_errors(tmp_path):
     csv.write_text("prompt,response,refusal,extra\np,r,1,kept\n")
     [row] = load_labelled(csv, "refusal")
     assert row.refusal is True and row.unsafe is None
+
+
+def test_corrections_refuse_unmeasured_or_mismatched_metrics(tmp_path):
+    import json
+
+    from flipsearch.judging.agreement import read_judge_metrics
+
+    with pytest.raises(FlipsearchError, match="not both measured"):
+        rogan_gladen(0.5, float("nan"), 0.9)
+    metrics = tmp_path / "m.json"
+    metrics.write_text(json.dumps({"label": "refusal", "sensitivity": 0.9, "specificity": 0.9}))
+    with pytest.raises(FlipsearchError, match="measured for the 'refusal' label"):
+        read_judge_metrics(metrics)
+    metrics.write_text(
+        json.dumps({"label": "unsafe", "sensitivity": float("nan"), "specificity": 1})
+    )
+    with pytest.raises(FlipsearchError, match="sensitivity was not measured"):
+        read_judge_metrics(metrics)
+    metrics.write_text(json.dumps({"label": "unsafe", "sensitivity": 0.8, "specificity": 0.9}))
+    assert read_judge_metrics(metrics) == {"sensitivity": 0.8, "specificity": 0.9}

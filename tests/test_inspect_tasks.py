@@ -65,10 +65,10 @@ def test_flip_rate_from_two_logs_pairs_samples_by_id(tiny_inspect_model, tmp_pat
     result = flip_rate_from_logs(student.location, teacher)  # a path or a log object
     before = {s.id: s.scores["flipsearch_judge"].value for s in student.samples}
     after = {s.id: s.scores["flipsearch_judge"].value for s in teacher.samples}
-    decided = [i for i in before if INVALID not in (before[i], after[i])]
+    decided = [i for i in before if before[i] != INVALID]  # an undecided teacher is kept
     pool = [i for i in decided if before[i] == 1.0]
     assert result.pool == len(pool) and result.paired == len(decided)
-    assert result.flips == sum(after[i] == 0.0 for i in pool)
+    assert result.flips == sum(after[i] == 0.0 for i in pool)  # INVALID is never a flip
     assert result.flip_rate.n == result.pool and 0 <= result.p_value <= 1
     assert result.to_pandas().loc[0, "flips"] == result.flips
 
@@ -90,3 +90,15 @@ def test_registered_with_inspect_through_the_entry_point():
     assert registry_lookup("task", "flipsearch/unsafe_rate") is not None
     assert registry_lookup("scorer", "flipsearch/flipsearch_judge") is not None
     assert registry_lookup("modelapi", "flipsearch/flipsearch") is not None
+
+
+def test_epochs_and_undecided_verdicts_use_the_core_estimator():
+    from flipsearch.inspect_tasks import paired_flip_rate
+
+    student = {"a": [1.0, 1.0], "b": [1.0, 0.0], "c": [INVALID, INVALID], "d": [0.0]}
+    teacher = {"a": [0.0, INVALID], "b": [0.0, 0.0], "c": [0.0, 0.0], "d": [INVALID]}
+    result = paired_flip_rate(student, teacher)
+    # a: 1 x 0.5 (the undecided epoch is not safe); b: 0.5 x 1; c leaves; d: an unflip.
+    assert (result.flips, result.pool) == (1.0, 1.5)
+    assert result.unflips == 1.0 and result.paired == 3 and result.invalid == 1
+    assert result.teacher_invalid == 2

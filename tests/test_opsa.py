@@ -108,6 +108,7 @@ def test_generation_stops_at_eos(tiny_model):
     eos = tiny_model.tokenizer.eos_token_id
     finished = generator._finish([4, 5, eos, 9, 9])
     assert finished.token_ids == (4, 5) and finished.finish_reason == "stop"
+    assert finished.stop_token == eos
 
 
 def test_answer_matching():
@@ -251,3 +252,63 @@ def test_a_kill_during_the_checkpoint_swap_leaves_the_previous_checkpoint(tiny_m
         torch.equal(a, b)
         for a, b in zip(trainer.model.parameters(), resumed.model.parameters(), strict=True)
     )
+
+
+@pytest.mark.parametrize(("alpha", "limit"), [(0.0, "forward"), (1.0, "reverse")])
+def test_mixed_at_its_ends_is_the_kl_it_tends_to(alpha, limit):
+    torch.manual_seed(1)
+    s, t = torch.randn(3, 7), torch.randn(3, 7)
+    tokens = torch.tensor([0, 1, 2])
+    mixed, _ = token_divergence(s, t, tokens, "mixed", "full", alpha=alpha)
+    expected, _ = token_divergence(s, t, tokens, limit, "full")
+    assert mixed.tolist() == pytest.approx(expected.tolist(), abs=1e-6)
+    assert float(mixed.sum()) > 0  # it trains
+
+
+def test_the_loss_compares_distributions_at_the_rollout_temperature(tiny_model):
+    examples = _examples(tiny_model, Context("c", "Refuse harm.", "system"))
+    teacher = copy.deepcopy(tiny_model.model)
+    pad = tiny_model.tokenizer.pad_token_id
+    at = {}
+    for temperature in (1.0, 2.0):
+        config = TrainConfig(temperature=temperature)
+        at[temperature] = distillation_loss(tiny_model.model, teacher, examples, config, pad)
+        tiny_model.model.zero_grad(set_to_none=True)
+    assert at[1.0]["loss"] > 0 and at[2.0]["loss"] != pytest.approx(at[1.0]["loss"])
+
+
+def test_a_rollout_ends_with_the_stop_token_it_sampled(tiny_model_dir, tmp_path, monkeypatch):
+    from flipsearch.backends import Generation
+    from flipsearch.backends.hf import HFGenerator
+    from flipsearch.opsa import Trainer
+
+    def stops_with_seven(self, prompts, decoding):
+        yield list(range(len(prompts))), [[Generation("x", (5, 6), "stop", 7)] for _ in prompts]
+
+    monkeypatch.setattr(HFGenerator, "generate_batches", stops_with_seven)
+    trainer = Trainer(TrainConfig(context="Refuse.", out=str(tmp_path), model=str(tiny_model_dir)))
+    [example, *_] = trainer.rollouts(trainer.sample_prompts(), 0)
+    assert example.response == [5, 6, 7] and trainer.eos != 7
+
+
+def test_offpolicy_metrics_are_named_nll_not_kl(tiny_model_dir, tmp_path):
+    from flipsearch.opsa import Trainer
+
+    config = TrainConfig(
+        context="Refuse.", out=str(tmp_path), model=str(tiny_model_dir), mode="offpolicy",
+        max_new_tokens=4, batch_size=2,
+    )  # fmt: skip
+    record = Trainer(config).train_step()
+    assert "nll_per_token" in record and "nll_by_position" in record
+    assert "kl_per_token" not in record
+
+
+def test_before_and_after_are_compared_paired_on_the_same_prompts():
+    from flipsearch.fliprate import mcnemar_exact
+    from flipsearch.train_eval import paired_before_after
+
+    before = {"outcomes": {"unsafe_rate": {f"p{i}": 1.0 for i in range(9)} | {"u": None}}}
+    after = {"outcomes": {"unsafe_rate": {f"p{i}": float(i >= 7) for i in range(9)} | {"u": 0.0}}}
+    [(metric, test)] = paired_before_after(before, after).items()
+    assert metric == "unsafe_rate" and test["prompts"] == 9  # the undecided prompt is left out
+    assert test["p_value"] == pytest.approx(mcnemar_exact(0, 7))

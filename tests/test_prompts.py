@@ -122,3 +122,21 @@ def test_datasets_name_loads_through_the_datasets_library(tmp_path):
     assert [(p.id, p.kind) for p in prompts] == [("d1", "harmful"), ("d2", "benign")]
     with pytest.raises(FlipsearchError, match="cannot load dataset"):
         load_prompts(f"hf:{tmp_path / 'missing'}")
+
+
+def test_limit_takes_a_seeded_stratified_sample_not_the_first_rows():
+    from flipsearch.prompts import Prompt, stratified_order, stratified_subset
+
+    grouped = [
+        Prompt(f"{c}{i}", "harmful", c, "t") for c in "abcd" for i in range(6)
+    ]  # by category
+    subset = stratified_subset(grouped, 8, seed=0)
+    assert sorted({p.category for p in subset}) == ["a", "b", "c", "d"]
+    assert all(sum(p.category == c for p in subset) == 2 for c in "abcd")
+    assert [p.id for p in subset] == [p.id for p in grouped if p in subset]  # file order kept
+    assert stratified_subset(grouped, 8, seed=0) == subset
+    assert stratified_subset(grouped, 8, seed=1) != subset
+    shuffled = list(reversed(grouped))
+    assert stratified_order(shuffled, 3) == stratified_order(grouped, 3)  # ids decide, not order
+    order = stratified_order(grouped, 3)
+    assert sorted({p.category for p in order[:4]}) == ["a", "b", "c", "d"]

@@ -141,3 +141,45 @@ def test_report_is_self_contained(tmp_path):
     html = render_report(run_dir).read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)
     assert "data:image/png;base64," in html
+
+
+def _result(split, pid, category, context, sample, unsafe, invalid=False):
+    return {
+        "split": split,
+        "prompt_id": pid,
+        "kind": "harmful",
+        "category": category,
+        "sample": sample,
+        "context": context,
+        "unsafe": None if invalid else unsafe,
+        "invalid": invalid,
+    }
+
+
+def test_category_rates_use_the_per_prompt_estimator_and_keep_splits_apart():
+    from flipsearch.report import category_rates
+
+    rows = [
+        # search, "a": student unsafe on 2 of 2 samples, teacher safe on 1 of 2 -> 0.5 flips
+        _result("search", "p1", "a", None, 0, True),
+        _result("search", "p1", "a", None, 1, True),
+        _result("search", "p1", "a", "w", 0, False),
+        _result("search", "p1", "a", "w", 1, True),
+        # search, "a": student unsafe 1 of 2; teacher sample 0 undecided (not safe) -> 0.25
+        _result("search", "p2", "a", None, 0, True),
+        _result("search", "p2", "a", None, 1, False),
+        _result("search", "p2", "a", "w", 0, False, invalid=True),
+        _result("search", "p2", "a", "w", 1, False),
+        # holdout, "a": flipped on both samples
+        _result("holdout", "p3", "a", None, 0, True),
+        _result("holdout", "p3", "a", None, 1, True),
+        _result("holdout", "p3", "a", "w", 0, False),
+        _result("holdout", "p3", "a", "w", 1, False),
+    ]
+    rates = {
+        (r["split"], r["category"]): r["rate"] for r in category_rates(pd.DataFrame(rows), "w")
+    }
+    search = rates[("search", "a")]
+    assert (search.successes, search.n) == (0.75, 1.5)
+    holdout = rates[("holdout", "a")]
+    assert (holdout.successes, holdout.n) == (1.0, 1.0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from flipsearch.errors import FlipsearchError
@@ -60,6 +60,9 @@ class Generation:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str  # "stop" or "length"
+    # The stop token the model sampled (not in token_ids). Known for fresh generations only
+    # (the cache does not keep it), so it takes no part in comparing two answers.
+    stop_token: int | None = field(default=None, compare=False)
 
 
 class Generator(Protocol):
@@ -97,7 +100,9 @@ def finish(tokenizer: Any, ids: Sequence[int], stop_ids: set[int]) -> Generation
     cut = next((i for i, token in enumerate(ids) if token in stop_ids), None)
     kept = list(ids if cut is None else ids[:cut])
     text = tokenizer.decode(kept, skip_special_tokens=True)
-    return Generation(text.strip(), tuple(kept), "length" if cut is None else "stop")
+    if cut is None:
+        return Generation(text.strip(), tuple(kept), "length")
+    return Generation(text.strip(), tuple(kept), "stop", ids[cut])
 
 
 def request_seed(seed: int, prompt: str) -> int:

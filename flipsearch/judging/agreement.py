@@ -158,18 +158,25 @@ def evaluate_judge(judge: Judge, rows: Sequence[LabelledRow], label: str) -> dic
 
 def rogan_gladen(observed: float, sensitivity: float, specificity: float) -> float:
     """A prevalence corrected for a judge's known error rates, clipped to [0, 1]."""
+    if not (0 <= sensitivity <= 1 and 0 <= specificity <= 1):  # NaN too: a class was absent
+        raise FlipsearchError(
+            f"judge sensitivity {sensitivity} / specificity {specificity} are not both measured "
+            "(the labelled set lacks one class?); rates cannot be corrected with them"
+        )
     denominator = sensitivity + specificity - 1
     if denominator <= 0:
         raise FlipsearchError("judge sensitivity + specificity must exceed 1 to correct rates")
     return min(1.0, max(0.0, (observed + specificity - 1) / denominator))
 
 
-def read_judge_metrics(path: str | Path) -> dict[str, float]:
-    """Sensitivity and specificity from a ``flipsearch judge eval --json`` file."""
+def read_judge_metrics(path: str | Path, label: str = "unsafe") -> dict[str, float]:
+    """Sensitivity and specificity from a ``flipsearch judge eval --json`` file measured for
+    ``label`` (flip rates are corrected with the safety judge's ``unsafe`` metrics); refuses
+    metrics for another label and metrics that were not measured (NaN)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-        return {
+        metrics = {
             "sensitivity": float(data["sensitivity"]),
             "specificity": float(data["specificity"]),
         }
@@ -178,3 +185,16 @@ def read_judge_metrics(path: str | Path) -> dict[str, float]:
             f"{path}: expected judge metrics with sensitivity and specificity "
             f"(from flipsearch judge eval --json)"
         ) from exc
+    measured = data.get("label")
+    if measured is not None and measured != label:
+        raise FlipsearchError(
+            f"{path}: metrics measured for the {measured!r} label; correcting these rates needs "
+            f"the {label!r} label (flipsearch judge eval --label {label} --json FILE)"
+        )
+    for name, value in metrics.items():
+        if value != value:
+            raise FlipsearchError(
+                f"{path}: the judge's {name} was not measured (NaN: the labelled set has no "
+                "row of one class); rates cannot be corrected with it"
+            )
+    return metrics
