@@ -58,6 +58,7 @@ class Session:
         self.batch_size, self.device, self.dtype = batch_size, device, dtype
         self.judge_specs = {"safety": judge, "refusal": refusal_judge}
         self.judge_model = judge_model
+        self._judges: dict[str, Judge] = {}
         self.cache_spec = cache
         self.console = console
         if limit is not None and limit < 1:
@@ -138,10 +139,6 @@ class Session:
         if role not in self._judges:
             self._judges[role] = get_judge(self.judge_specs[role], role, self.judge_model)
         return self._judges[role]
-
-    @cached_property
-    def _judges(self) -> dict[str, Judge]:
-        return {}
 
     # -- model, backend, cache -----------------------------------------------------------------
     @cached_property
