@@ -4,7 +4,13 @@
                                     [--vllm-python .venv-vllm/bin/python]
 
 Rows:
-- ``hf`` at several batch sizes; the speed-up is over batch size 1.
+- ``hf`` at several batch sizes with dynamic batching (sorted by length, padded to the
+  longest); the speed-up is over batch size 1.
+- Batch invariance: ``hf`` dynamic and batch-invariant (the default) at the largest batch size,
+  each with every prompt in one call and with the prompts shuffled into calls of 8 (as a search
+  trial asks for them). ``agree`` counts the prompts whose greedy token ids are identical in the
+  two compositions; the ratio is tokens/s over dynamic batching with every prompt in one call.
+  ``vllm`` gets the same agreement row.
 - ``vllm`` (offline engine, in the vLLM environment) with prefix caching on and off, and
   ``openai`` (vLLM's OpenAI-compatible server on 127.0.0.1, 64 requests in flight); their ratio
   is over ``hf`` at the largest batch size.
@@ -50,6 +56,27 @@ def measure(generator: Any, prompts: list[str], decoding: Decoding) -> tuple[flo
     return time.perf_counter() - start, tokens, [answers[i] for i in range(len(prompts))]
 
 
+def shuffled_calls(generator: Any, prompts: list[str], decoding: Decoding, size: int = 8):
+    """Seconds, tokens and answers (prompt order) with the prompts shuffled into small calls."""
+    import random
+
+    order = list(range(len(prompts)))
+    random.Random(0).shuffle(order)
+    seconds, tokens, answers = 0.0, 0, [()] * len(prompts)
+    for start in range(0, len(order), size):
+        part = order[start : start + size]
+        took, made, got = measure(generator, [prompts[i] for i in part], decoding)
+        seconds, tokens = seconds + took, tokens + made
+        for i, ids in zip(part, got, strict=True):
+            answers[i] = ids
+    return seconds, tokens, answers
+
+
+def agreement(first: list, second: list) -> str:
+    same = sum(a == b for a, b in zip(first, second, strict=True))
+    return f"agree {same}/{len(first)} ({same / len(first):.1%})"
+
+
 def measure_scoring(scorer: Any, requests: list[tuple[str, list[int]]]) -> tuple[float, int]:
     start = time.perf_counter()
     scored = scorer.token_logprobs(requests)
@@ -77,10 +104,14 @@ def vllm_worker(work: Path) -> None:
     for caching in (True, False):
         generator = VLLMGenerator(loaded, {"enable_prefix_caching": caching}, chunk=10_000)
         measure(generator, task["prompts"][:8], Decoding(max_new_tokens=4))  # warm-up
-        seconds, tokens, _ = measure(generator, task["prompts"], decoding)
+        seconds, tokens, together = measure(generator, task["prompts"], decoding)
         rows.append(
             ("generate", f"vllm, prefix cache {'on' if caching else 'off'}", seconds, tokens)
         )
+        if caching:
+            seconds, tokens, apart = shuffled_calls(generator, task["prompts"], decoding)
+            name = f"vllm, calls of 8 ({agreement(together, apart)})"
+            rows.append(("generate", name, seconds, tokens))
         measure_scoring(generator, requests[:4])  # warm-up
         seconds, tokens = measure_scoring(generator, requests)
         rows.append(("score", f"vllm, prefix cache {'on' if caching else 'off'}", seconds, tokens))
@@ -119,6 +150,28 @@ def start_server(python: Path, model_dir: str, dtype: str) -> tuple[subprocess.P
     raise SystemExit("the vLLM server did not start in 10 minutes")
 
 
+def invariance_rows(loaded, rendered, decoding, size, base, together, row) -> None:
+    """Dynamic and batch-invariant hf: one call vs shuffled calls of 8, agreement and speed."""
+    dynamic = HFGenerator(loaded, batch_size=size, batch_invariant=False)
+    seconds, tokens, apart = shuffled_calls(dynamic, rendered, decoding)
+    name = f"hf dynamic, calls of 8 ({agreement(together, apart)})"
+    row("generate", name, len(rendered), seconds, tokens, base)
+    for bucket in (32, 64):
+        invariant = HFGenerator(loaded, batch_size=size, length_bucket=bucket)
+        seconds, tokens, whole = measure(invariant, rendered, decoding)
+        row(
+            "generate",
+            f"hf invariant, bucket {bucket}, batch {size}",
+            len(rendered),
+            seconds,
+            tokens,
+            base,
+        )
+        seconds, tokens, apart = shuffled_calls(invariant, rendered, decoding)
+        name = f"hf invariant, bucket {bucket}, calls of 8 ({agreement(whole, apart)})"
+        row("generate", name, len(rendered), seconds, tokens, base)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -142,7 +195,7 @@ def main() -> None:
     )
     measure(HFGenerator(loaded, batch_size=8), rendered[:8], Decoding(max_new_tokens=4))  # warm-up
     print(
-        f"{'what':<9} {'backend':<36} {'prompts':>7} {'tokens':>7} {'s':>7} "
+        f"{'what':<9} {'backend':<58} {'prompts':>7} {'tokens':>7} {'s':>7} "
         f"{'tok/s':>8} {'ratio':>7}"
     )
 
@@ -151,7 +204,7 @@ def main() -> None:
         rate = tokens / seconds
         base = base or rate
         print(
-            f"{what:<9} {backend:<36} {prompts:>7} {tokens:>7} {seconds:>7.1f} {rate:>8.1f} "
+            f"{what:<9} {backend:<58} {prompts:>7} {tokens:>7} {seconds:>7.1f} {rate:>8.1f} "
             f"{rate / base:>6.2f}x"
         )
         return rate
@@ -161,12 +214,14 @@ def main() -> None:
     for size in sizes:
         # Batch size 1 on every prompt takes minutes; it runs on a subset (rates compare).
         subset = rendered[: max(size, 16)] if size == 1 else rendered
-        seconds, tokens, got = measure(HFGenerator(loaded, batch_size=size), subset, decoding)
+        dynamic = HFGenerator(loaded, batch_size=size, batch_invariant=False)
+        seconds, tokens, got = measure(dynamic, subset, decoding)
         rate = tokens / seconds
         one = one or rate
-        hf_rate = row("generate", f"hf, batch {size}", len(subset), seconds, tokens, one)
+        hf_rate = row("generate", f"hf dynamic, batch {size}", len(subset), seconds, tokens, one)
         if len(got) == len(rendered):
             answers = got
+    invariance_rows(loaded, rendered, decoding, sizes[-1], hf_rate, answers, row)
     requests = [(p, list(a)) for p, a in zip(rendered, answers, strict=True) if a]
     seconds, tokens = measure_scoring(HFScorer(loaded), requests)
     hf_score = row("score", "hf, one pass per answer", len(requests), seconds, tokens, None)
@@ -222,7 +277,8 @@ def main() -> None:
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(60)
-    print(f"ratios: hf rows against hf batch 1; other rows against hf batch {sizes[-1]}, and")
+    print("ratios: the first hf rows against hf batch 1; other rows against hf dynamic batch")
+    print(f"{sizes[-1]} with every prompt in one call, and")
     print("scoring rows against hf scoring.")
 
 

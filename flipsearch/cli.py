@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -210,7 +211,8 @@ def judge_train(
     labelled: Annotated[
         Path | None,
         typer.Argument(
-            help="Labelled JSONL/CSV (prompt, response, unsafe/refusal). Default: the shipped set."
+            help="Labelled JSONL/CSV (prompt, response, unsafe/refusal). Default: the shipped "
+            "sets (labelled.jsonl and the dev split of labelled-b.jsonl)."
         ),
     ] = None,
     label: Label = "unsafe",
@@ -220,14 +222,15 @@ def judge_train(
     seed: Annotated[int, typer.Option(help="Seed of the model.")] = 0,
 ) -> None:
     """Train the classifier judge (TF-IDF + calibrated logistic regression; saved with skops)."""
-    from flipsearch.judging.agreement import default_labelled_path, load_labelled
-    from flipsearch.judging.classifier import train_classifier
+    from flipsearch.judging.agreement import load_labelled
+    from flipsearch.judging.classifier import default_training_rows, train_classifier
 
-    source = labelled or default_labelled_path()
-    rows = load_labelled(source, label)
-    path = train_classifier(rows, label, out, source=str(source), seed=seed)
+    rows = load_labelled(labelled, label) if labelled else default_training_rows(label)
+    source = str(labelled) if labelled else "shipped labelled sets (dev rows)"
+    path = train_classifier(rows, label, out, source=source, seed=seed)
+    used = json.loads((path / "meta.json").read_text()).get("rows", len(rows))
     out_console.print(
-        f"trained a {label!r} classifier on {len(rows)} rows: use --judge classifier:{path}"
+        f"trained a {label!r} classifier on {used} rows: use --judge classifier:{path}"
     )
 
 
@@ -245,8 +248,6 @@ def judge_eval(
     ] = None,
 ) -> None:
     """Measure a judge against labels: precision, recall, F1, AUROC, Cohen's kappa, confusion."""
-    import json
-
     from flipsearch.judging import get_judge
     from flipsearch.judging.agreement import evaluate_judge, load_labelled
 
@@ -256,14 +257,20 @@ def judge_eval(
     table = Table(title=f"{judge} against the {label!r} labels of {len(rows)} rows")
     table.add_column("metric")
     table.add_column("value")
+    table.add_column("95% interval (bootstrap)")
+    intervals = metrics.get("intervals", {})
     for key in ("precision", "recall", "f1", "specificity", "auroc", "cohen_kappa", "invalid_rate"):
-        table.add_row(key, f"{metrics[key]:.3f}")
+        low, high = intervals.get(key, (None, None))
+        interval = "" if low is None else f"[{low:.3f}, {high:.3f}]"
+        table.add_row(key, f"{metrics[key]:.3f}", interval)
     confusion = metrics["confusion"]
     table.add_row(
         "confusion",
         f"tp {confusion['tp']}  fp {confusion['fp']}  "
         f"fn {confusion['fn']}  tn {confusion['tn']}  invalid {metrics['invalid']}",
     )
+    if "bootstrap" in metrics:
+        table.caption = f"intervals: {metrics['bootstrap']['resamples']} resamples of the rows"
     out_console.print(table)
     if json_out is not None:
         json_out.write_text(json.dumps(metrics, indent=2))
@@ -279,8 +286,6 @@ def judge_run(
     out: Annotated[Path | None, typer.Option(help="Write verdicts here (default: stdout).")] = None,
 ) -> None:
     """Judge every (prompt, response) row of a JSONL file; one verdict per line."""
-    import json
-
     from flipsearch.io import read_jsonl
     from flipsearch.judging import get_judge
 
@@ -329,7 +334,7 @@ def _summarise(result: RunResult) -> None:
     for record in result.leaderboard.head(10).to_dict(orient="records"):
         row = {str(k): v for k, v in record.items()}
         benign = _cell(row, "benign_refusal", "benign_refusal_count", "benign_refusal_n")
-        if not row["feasible"]:
+        if row.get("feasible") is not None and not row["feasible"]:  # None: not measured
             benign += " over limit"
         pruned = " (pruned)" if row.get("state") == "pruned" else ""
         table.add_row(
@@ -343,6 +348,14 @@ def _summarise(result: RunResult) -> None:
     out_console.print(f"student unsafe rate (search split): {result.student_search.unsafe_rate}")
     if result.winner is not None:
         out_console.print(f"winner: [bold]{result.winner.context.id}[/bold]")
+        if result.final is not None:
+            final = result.final
+            out_console.print(
+                f"winner on the final split (no choice saw it): flip rate {final.flip_rate}, "
+                f"benign refusal {final.benign_refusal}"
+            )
+    elif result.info.get("no_winner"):
+        out_console.print(f"[bold]no winner[/bold]: {result.info['no_winner']}")
     generated = result.info["generated"]
     out_console.print(
         f"generated {generated['student']} student and {generated['teacher']} "

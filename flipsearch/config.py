@@ -147,7 +147,22 @@ class SelectionConfig:
     """How the winner is chosen among the search's best, and what the report analyses."""
 
     holdout_fraction: float = field(
-        default=0.3, metadata=option("Share of harmful prompts held out.", min=0.0, max=0.95)
+        default=0.3,
+        metadata=option(
+            "Share of harmful and of benign prompts held out to choose the winner among the "
+            "finalists (the selection split).",
+            min=0.0,
+            max=0.95,
+        ),
+    )
+    final_fraction: float = field(
+        default=0.2,
+        metadata=option(
+            "Share of harmful and of benign prompts no choice ever sees: the winner's reported "
+            "flip rate and benign refusal come from them (the final split; 0 turns it off).",
+            min=0.0,
+            max=0.9,
+        ),
     )
     top_k: int = field(
         default=3, metadata=option("Contexts re-scored on the held-out split.", min=1)

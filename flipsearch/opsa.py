@@ -311,7 +311,10 @@ class Trainer:
         )
         self.model.eval()
         generated: list[Any] = [None] * len(batch)
-        for indices, results in HFGenerator(source, batch_size=len(batch)).generate_batches(
+        # Dynamic batching, seeded per batch: a prompt drawn twice into one batch gets two
+        # different samples (per-prompt seeds would give it the same one twice).
+        rollout = HFGenerator(source, batch_size=len(batch), batch_invariant=False)
+        for indices, results in rollout.generate_batches(
             teacher_texts if offpolicy else student_texts, decoding
         ):
             for i, samples in zip(indices, results, strict=True):

@@ -173,3 +173,20 @@ def stratified_subset(prompts: Sequence[Prompt], n: int, seed: int = 0) -> list[
         return list(prompts)
     chosen = {p.id for p in stratified_order(prompts, seed)[:n]}
     return [p for p in prompts if p.id in chosen]
+
+
+def split_three(
+    prompts: Sequence[Prompt], selection_fraction: float, final_fraction: float, seed: int = 0
+) -> tuple[list[Prompt], list[Prompt], list[Prompt]]:
+    """Search, selection and final splits (each category-stratified, seeded), as shares of all
+    ``prompts``: the search chooses on the first, finalists are compared on the second, and
+    the winner's reported rates come from the third, which no choice has seen."""
+    if final_fraction < 0 or selection_fraction < 0 or selection_fraction + final_fraction >= 1:
+        raise FlipsearchError(
+            f"the held-out shares must be >= 0 and leave prompts to search on: selection "
+            f"{selection_fraction} + final {final_fraction} must be below 1"
+        )
+    rest, final = split_harmful(prompts, final_fraction, seed)
+    share = selection_fraction / (1 - final_fraction) if rest else 0.0
+    search, selection = split_harmful(rest, min(share, 0.95), seed)
+    return search, selection, final

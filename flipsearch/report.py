@@ -30,6 +30,10 @@ def render_report(run_dir: str | Path, templates: str | Path | None = None) -> P
             raise FlipsearchError(f"{run_dir} is not a finished run: {name} is missing")
     info = json.loads((run_dir / "run.json").read_text())
     leaderboard = pd.read_csv(run_dir / "leaderboard.csv")
+    if "feasible" in leaderboard:  # empty (benign refusal not measured) is not feasible
+        leaderboard["feasible"] = leaderboard["feasible"].map(
+            lambda v: None if v != v or v is None else bool(v)
+        )
     results = pd.read_json(run_dir / "results.jsonl", lines=True, dtype={"context": "object"})
     folder = Path(templates) if templates is not None else data_path("reports")
     env = Environment(loader=FileSystemLoader(folder), autoescape=select_autoescape(["html", "j2"]))

@@ -12,7 +12,7 @@ import json
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from flipsearch.judging import JudgeSpec
 from flipsearch.judging.agreement import read_judge_metrics
 from flipsearch.leaderboard import Row, add_corrected_rates, pick_winner, rank, to_frame
 from flipsearch.models import LoadedModel, load_model
-from flipsearch.prompts import Prompt, split_harmful
+from flipsearch.prompts import Prompt, split_three
 from flipsearch.proposer import Proposer
 from flipsearch.scoring import analyse_context
 from flipsearch.search import (
@@ -66,6 +66,8 @@ class RunResult:
     leaderboard: pd.DataFrame
     winner: ContextScore | None
     info: dict[str, Any]
+    final: ContextScore | None = None  # the winner on the final split (no choice saw it)
+    student_final: StudentBaseline | None = None
 
     @property
     def report_path(self) -> Path:
@@ -88,6 +90,7 @@ class RunResult:
                     if self.winner.context.id in holdout
                     else None
                 ),
+                "final": self.final.summary() if self.final is not None else None,
             }
         return {
             "out": str(self.out),
@@ -113,8 +116,11 @@ def make_progress(console: Console) -> Progress:
 @dataclass
 class _Splits:
     search: list[Prompt]
-    holdout: list[Prompt]
-    benign: list[Prompt]
+    holdout: list[Prompt]  # the selection split: finalists are compared on it
+    benign: list[Prompt]  # the benign prompts the search measures refusal on
+    benign_holdout: list[Prompt] = field(default_factory=list)
+    final: list[Prompt] = field(default_factory=list)  # no choice sees these
+    benign_final: list[Prompt] = field(default_factory=list)
 
 
 def run(
@@ -188,8 +194,14 @@ def _splits(session: Session, config: RunConfig) -> _Splits:
     harmful = session.harmful
     if not harmful:
         raise FlipsearchError("the prompt sets hold no harmful prompts; flip rates need them")
-    search_split, holdout = split_harmful(harmful, config.selection.holdout_fraction, config.seed)
-    return _Splits(search_split, holdout, session.benign)
+    selection = config.selection
+    search, holdout, final = split_three(
+        harmful, selection.holdout_fraction, selection.final_fraction, config.seed
+    )
+    benign, benign_holdout, benign_final = split_three(
+        session.benign, selection.holdout_fraction, selection.final_fraction, config.seed
+    )
+    return _Splits(search, holdout, benign, benign_holdout, final, benign_final)
 
 
 @dataclass
@@ -200,6 +212,9 @@ class _Measured:
     search: list[ContextScore]
     holdout: list[ContextScore]
     study_info: dict[str, Any]
+    winner: ContextScore | None = None
+    final: ContextScore | None = None  # the winner on the final split
+    student_final: StudentBaseline | None = None
 
 
 def _measure(
@@ -212,12 +227,25 @@ def _measure(
     given: Sequence[Context] | None,
 ) -> _Measured:
     """The student baseline, the contexts (scored, or searched), then the finalists."""
-    evaluator.prefetch([*splits.search, *splits.holdout, *splits.benign], None)
+    evaluator.prefetch(
+        [
+            *splits.search,
+            *splits.holdout,
+            *splits.final,
+            *splits.benign,
+            *splits.benign_holdout,
+            *splits.benign_final,
+        ],
+        None,
+    )
     student_search = StudentBaseline(
         evaluator.judged(splits.search, None, "safety"),
         evaluator.judged(splits.benign, None, "refusal") if splits.benign else [],
     )
-    student_holdout = StudentBaseline(evaluator.judged(splits.holdout, None, "safety"), [])
+    student_holdout = StudentBaseline(
+        evaluator.judged(splits.holdout, None, "safety"),
+        evaluator.judged(splits.benign_holdout, None, "refusal"),
+    )
     study_info: dict[str, Any] = {}
     if given is not None or config.search.trials == 0:
         overall = progress.add_task("contexts on the search split", total=len(candidates))
@@ -236,8 +264,10 @@ def _measure(
     search, holdout = [], []
     for context in finalists:
         search.append(evaluator.score(context, splits.search, splits.benign, "search"))
-        if splits.holdout:
-            holdout.append(evaluator.score(context, splits.holdout, [], "holdout"))
+        if splits.holdout or splits.benign_holdout:
+            holdout.append(
+                evaluator.score(context, splits.holdout, splits.benign_holdout, "holdout")
+            )
         progress.advance(task)
     if search:  # finalists now have every benign prompt measured: their rows say so
         rescored = {s.context.id: Row.of_score(s) for s in search}
@@ -254,7 +284,27 @@ def _measure(
             for r in rows
         ]
         ranked = rank(rows, limit)
-    return _Measured(student_search, student_holdout, ranked, search, holdout, study_info)
+    measured = _Measured(student_search, student_holdout, ranked, search, holdout, study_info)
+    return _final(measured, evaluator, splits, limit, progress)
+
+
+def _final(
+    measured: _Measured, evaluator: Evaluator, splits: _Splits, limit: float, progress: Progress
+) -> _Measured:
+    """The winner (chosen on the selection split), then its rates on the final split."""
+    measured.winner = pick_winner(measured.search, measured.holdout, limit)
+    if not (splits.final or splits.benign_final):
+        return measured
+    measured.student_final = StudentBaseline(
+        evaluator.judged(splits.final, None, "safety"),
+        evaluator.judged(splits.benign_final, None, "refusal"),
+    )
+    if measured.winner is not None:
+        task = progress.add_task("the winner on the final split", total=1)
+        context = measured.winner.context
+        measured.final = evaluator.score(context, splits.final, splits.benign_final, "final")
+        progress.advance(task)
+    return measured
 
 
 def _finish(
@@ -268,10 +318,16 @@ def _finish(
 ) -> RunResult:
     """The winner, the leaderboard, the token-level analysis and the run's facts."""
     limit = config.selection.max_benign_refusal
-    winner = pick_winner(measured.search, measured.holdout, limit)
-    leaderboard = to_frame(measured.ranked, measured.holdout, limit)
+    winner = measured.winner
+    leaderboard = to_frame(measured.ranked, measured.holdout, limit, measured.final)
     if correction is not None:
-        add_corrected_rates(leaderboard, **correction)
+        finals = [measured.final] if measured.final is not None else []
+        outcomes = {
+            "flip_rate": {r.context.id: r.outcomes for r in measured.ranked},
+            "holdout_flip_rate": {s.context.id: s.flip_outcomes() for s in measured.holdout},
+            "final_flip_rate": {s.context.id: s.flip_outcomes() for s in finals},
+        }
+        add_corrected_rates(leaderboard, **correction, outcomes=outcomes)
     token_analysis = _token_analysis(config, session, winner, console)
     loaded = session.loaded
     example = (winner or measured.search[0]).context if measured.search else None
@@ -282,6 +338,7 @@ def _finish(
         "backend": session.backend.name,
         "token_analysis": token_analysis,
         "generator_fingerprint": session.generator.fingerprint,
+        "generation_mode": getattr(session.generator, "mode", "not stated by the backend"),
         "dtype": loaded.dtype,
         "device": str(loaded.model.device) if loaded.model is not None else session.backend.name,
         "python": platform.python_version(),
@@ -290,8 +347,12 @@ def _finish(
         "prompt_counts": {
             "harmful_search": len(splits.search),
             "harmful_holdout": len(splits.holdout),
+            "harmful_final": len(splits.final),
             "benign": len(splits.benign),
+            "benign_holdout": len(splits.benign_holdout),
+            "benign_final": len(splits.benign_final),
         },
+        "no_winner": _no_winner(measured, limit),
         "generated": dict(evaluator.generated),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "student_prompt_example": evaluator.renderer.render(splits.search[0].text, None),
@@ -308,6 +369,22 @@ def _finish(
         leaderboard,
         winner,
         info,
+        measured.final,
+        measured.student_final,
+    )
+
+
+def _no_winner(measured: _Measured, limit: float) -> str | None:
+    """Why there is no winner, in a sentence (None when there is one)."""
+    if measured.winner is not None:
+        return None
+    if not measured.search:
+        return "no context completed its scoring, so none can win"
+    basis = "selection" if any(s.benign for s in measured.holdout) else "search"
+    return (
+        f"none feasible: every finalist refuses more than {limit:.0%} of benign prompts on "
+        f"the {basis} split, so no context wins (raise --max-benign-refusal, or change the "
+        "contexts)"
     )
 
 
@@ -625,9 +702,15 @@ def write_run_files(result: RunResult, config: RunConfig) -> None:
     rows = _judged_rows(result.student_search.harmful, None, "search")
     rows += _judged_rows(result.student_holdout.harmful, None, "holdout")
     rows += _judged_rows(result.student_search.benign, None, "benign")
-    for score in [*result.search, *result.holdout]:
+    rows += _judged_rows(result.student_holdout.benign, None, "benign_holdout")
+    if result.student_final is not None:
+        rows += _judged_rows(result.student_final.harmful, None, "final")
+        rows += _judged_rows(result.student_final.benign, None, "benign_final")
+    finals = [result.final] if result.final is not None else []
+    for score in [*result.search, *result.holdout, *finals]:
         rows += _judged_rows([o.teacher for o in score.harmful], score.context.id, score.split)
-        rows += _judged_rows(score.benign, score.context.id, "benign")
+        benign_split = "benign" if score.split == "search" else f"benign_{score.split}"
+        rows += _judged_rows(score.benign, score.context.id, benign_split)
     write_atomic(
         out / "results.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     )
@@ -639,6 +722,8 @@ def write_run_files(result: RunResult, config: RunConfig) -> None:
             "search_flip_rate": str(result.winner.flip_rate),
             "holdout_flip_rate": str(held.flip_rate) if held else None,
             "benign_refusal": str(result.winner.benign_refusal),
+            "final_flip_rate": str(result.final.flip_rate) if result.final else None,
+            "final_benign_refusal": str(result.final.benign_refusal) if result.final else None,
             "model": config.model,
             "judge": config.judges.judge,
         }

@@ -281,7 +281,11 @@ class ContextObjective:
                 if not self.settings.multi_objective:
                     trial.report(flip, step=self.step_of[prompt.id])
             if not self.settings.multi_objective and trial.should_prune():
-                trial.set_user_attr("row", Row.pruned(context, outcomes, pool_size).to_dict())
+                # TPE ranks a pruned trial by its last reported value: make that its running
+                # mean (Optuna's advice for WilcoxonPruner), at a step past every prompt's.
+                row = Row.pruned(context, outcomes, pool_size)
+                trial.report(row.flip_rate or 0.0, step=len(self.search_split))
+                trial.set_user_attr("row", row.to_dict())
                 raise optuna.TrialPruned()
         if self.settings.multi_objective:
             score = self.evaluator.score(context, self.search_split, self.benign, "search")

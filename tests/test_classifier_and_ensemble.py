@@ -3,6 +3,7 @@ import fractions
 import pytest
 
 from flipsearch import FlipsearchError, Verdict
+from flipsearch._resources import data_path
 from flipsearch.judging import get_judge
 from flipsearch.judging.agreement import evaluate_judge, load_labelled, rogan_gladen
 from flipsearch.judging.classifier import ClassifierJudge, train_classifier
@@ -26,8 +27,12 @@ def test_classifier_trains_saves_without_pickle_and_generalises(tmp_path):
     assert not list(path.glob("*.pkl"))
     judge = ClassifierJudge(path)
     metrics = evaluate_judge(judge, test, "unsafe")
-    baseline = evaluate_judge(RefusalJudge(), test, "unsafe")
+    # Against the opening-only marker judge (the old default); the whole-answer refusal judge
+    # is now as good as the classifier at deciding, which adds ranking (AUROC) to it.
+    opening = RefusalJudge(data_path("judges") / "refusal-opening.yaml")
+    baseline = evaluate_judge(opening, test, "unsafe")
     assert metrics["f1"] > baseline["f1"] and metrics["auroc"] > 0.8
+    assert metrics["f1"] >= evaluate_judge(RefusalJudge(), test, "unsafe")["f1"] - 0.02
 
 
 def test_classifier_refuses_unexpected_types(tmp_path):
@@ -147,3 +152,41 @@ def test_corrections_refuse_unmeasured_or_mismatched_metrics(tmp_path):
         read_judge_metrics(metrics)
     metrics.write_text(json.dumps({"label": "unsafe", "sensitivity": 0.8, "specificity": 0.9}))
     assert read_judge_metrics(metrics) == {"sensitivity": 0.8, "specificity": 0.9}
+
+
+def test_corrected_flip_rate_interval_covers_both_sources_of_error():
+    from flipsearch.judging.agreement import corrected_flip_interval
+
+    flips = [1.0] * 12 + [0.0] * 8  # observed flip rate 0.6
+    point = 1 - rogan_gladen(1 - 0.6, 0.9, 0.85)
+    fixed = corrected_flip_interval(flips, 0.9, 0.85)
+    both = corrected_flip_interval(flips, 0.9, 0.85, positives=40, negatives=40)
+    assert fixed[0] < point < fixed[1] and both[0] <= point <= both[1]
+    assert both[1] - both[0] > fixed[1] - fixed[0]  # a small labelled set widens it
+    assert corrected_flip_interval(flips, 0.9, 0.85, 40, 40) == both  # seeded
+    perfect = corrected_flip_interval(flips, 1.0, 1.0)  # the plain bootstrap of the rate
+    assert 0.3 < perfect[0] < 0.6 < perfect[1] < 0.85
+    assert corrected_flip_interval([], 0.9, 0.9) != corrected_flip_interval([], 0.9, 0.9)  # NaN
+
+
+def test_judge_metrics_carry_the_labelled_set_size(tmp_path):
+    import json
+
+    from flipsearch.judging.agreement import read_judge_metrics
+
+    path = tmp_path / "m.json"
+    confusion = {"tp": 30, "fn": 5, "tn": 40, "fp": 3}
+    path.write_text(
+        json.dumps(
+            {"label": "unsafe", "sensitivity": 0.86, "specificity": 0.93, "confusion": confusion}
+        )
+    )
+    metrics = read_judge_metrics(path)
+    assert metrics["positives"] == 35 and metrics["negatives"] == 43
+    path.write_text(
+        json.dumps(
+            {"label": "unsafe", "sensitivity": 0.86, "specificity": 0.93, "confusion": {"tp": 1}}
+        )
+    )
+    with pytest.raises(FlipsearchError, match="confusion"):
+        read_judge_metrics(path)

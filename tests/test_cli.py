@@ -147,10 +147,18 @@ def test_run_writes_the_run_files_and_resumes(tiny_model_dir, tmp_path):
         "p_vs_leader",
     } <= set(leaderboard)
     info = json.loads((out / "run.json").read_text())
-    assert info["prompt_counts"] == {"harmful_search": 4, "harmful_holdout": 2, "benign": 6}
+    assert info["prompt_counts"] == {  # search / selection / final, harmful and benign
+        "harmful_search": 3,
+        "harmful_holdout": 2,
+        "harmful_final": 1,
+        "benign": 3,
+        "benign_holdout": 2,
+        "benign_final": 1,
+    }
     assert info["generated"]["student"] == 12
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert {r["split"] for r in rows} == {"search", "holdout", "benign"}
+    splits = {"search", "holdout", "final", "benign", "benign_holdout", "benign_final"}
+    assert {r["split"] for r in rows} == splits
     again = flipsearch(*args)
     assert again.returncode == 0, again.stderr
     assert "generated 0 student and 0 teacher prompts" in again.stdout

@@ -77,7 +77,8 @@ def test_run_with_llama_guard_end_to_end(tiny_model_dir, tmp_path):
 
 def test_run_with_judge_metrics_adds_corrected_rates(tiny_model_dir, tmp_path):
     metrics = tmp_path / "m.json"
-    metrics.write_text(json.dumps({"sensitivity": 0.9, "specificity": 0.8}))
+    confusion = {"tp": 27, "fn": 3, "tn": 24, "fp": 6}
+    metrics.write_text(json.dumps({"sensitivity": 0.9, "specificity": 0.8, "confusion": confusion}))
     out = tmp_path / "run"
     result = flipsearch(
         "run",
@@ -90,6 +91,10 @@ def test_run_with_judge_metrics_adds_corrected_rates(tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     frame = pd.read_csv(out / "leaderboard.csv")
     assert "flip_rate_corrected" in frame
+    scored = frame.dropna(subset=["flip_rate_corrected_low"])
+    assert len(scored) == len(frame)  # every scored context has its interval
+    assert (scored["flip_rate_corrected_low"] <= scored["flip_rate_corrected"] + 1e-9).all()
+    assert (scored["flip_rate_corrected"] <= scored["flip_rate_corrected_high"] + 1e-9).all()
 
 
 def test_refusal_role_rejects_llama_guard(tmp_path, tiny_model_dir):

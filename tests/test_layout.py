@@ -85,7 +85,11 @@ def test_implementations_import_only_their_wings_contract():
     """An implementation sees its wing's ``_base`` (and its own helpers), never the registry
     at the wing's face nor another implementation, so adding one touches nothing else."""
     allowed = {
-        "flipsearch.judging.classifier": {"flipsearch.judging.agreement"},  # its training data
+        # Its training data, and the refusal judge's reading of an answer as features.
+        "flipsearch.judging.classifier": {
+            "flipsearch.judging.agreement",
+            "flipsearch.judging.refusal",
+        },
     }
     graph = import_graph()
     for wing in ("backends", "judging"):

@@ -60,3 +60,43 @@ def test_the_winner_is_chosen_on_the_held_out_split():
     holdout = [score("a", 1, 0, "holdout"), score("b", 3, 0, "holdout")]
     assert pick_winner(search, holdout, 0.5).context.id == "b"
     assert pick_winner(search, [], 0.5).context.id == "a"
+
+
+def test_an_infeasible_context_never_wins():
+    search = [score("refuser", 4, 4), score("also", 3, 3)]
+    holdout = [score("refuser", 4, 4, "holdout"), score("also", 3, 3, "holdout")]
+    assert pick_winner(search, holdout, 0.5) is None
+    assert pick_winner(search, [], 0.5) is None  # without a selection split too
+    # Feasible on the search's benign prompts but not on the selection split's: it cannot win;
+    # the selection split decides.
+    search = [score("a", 4, 0), score("b", 2, 0)]
+    holdout = [score("a", 4, 4, "holdout"), score("b", 2, 1, "holdout")]
+    assert pick_winner(search, holdout, 0.5).context.id == "b"
+    # A selection split without benign prompts leaves feasibility to the search's.
+    no_benign = [
+        ContextScore(s.context, "holdout", s.harmful, [])
+        for s in (score("a", 4, 0), score("b", 2, 0))
+    ]
+    assert pick_winner(search, no_benign, 0.5).context.id == "a"
+
+
+def test_not_needed_rows_are_not_shown_feasible():
+    measured = Row.of_score(score("a", 4, 0))
+    skipped = Row.of_score(
+        ContextScore(Context("s", "S.", "system"), "search", score("s", 1, 0).harmful, []),
+        benign="not needed",
+    )
+    frame = to_frame([measured, skipped], [], 0.5)
+    assert list(frame["feasible"]) == [True, None]
+
+
+def test_the_winner_carries_its_final_split_rates():
+    search = [score("a", 4, 0), score("b", 3, 0)]
+    holdout = [score("a", 4, 0, "holdout"), score("b", 3, 0, "holdout")]
+    final = score("a", 2, 1, "final")
+    frame = to_frame([Row.of_score(s) for s in search], holdout, 0.5, final)
+    winner = frame[frame["context"] == "a"].iloc[0]
+    assert (winner["final_flip_rate"], winner["final_flip_rate_n"]) == (0.5, 4)
+    assert winner["final_benign_refusal"] == 0.25
+    assert winner["holdout_benign_refusal"] == 0.0
+    assert frame[frame["context"] == "b"]["final_flip_rate"].isna().all()

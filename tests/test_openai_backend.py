@@ -232,6 +232,8 @@ def test_a_run_through_the_openai_backend(tiny_model, tmp_path, monkeypatch, no_
         prompts=[str(prompt_file)],
         max_new_tokens=16,
         holdout_fraction=0.0,
+        final_fraction=0.0,
+        max_benign_refusal=1.0,  # the fake server refuses every benign prompt too
         trials=0,
         backend="openai",
         base_url=["http://a/v1"],

@@ -104,6 +104,23 @@ def test_split_is_seeded_stratified_and_disjoint():
     assert [p.id for p in other[1]] != [p.id for p in holdout]
 
 
+def test_three_splits_are_disjoint_shares_of_every_prompt():
+    from flipsearch.prompts import split_three
+
+    for kind in ("harmful", "benign"):
+        prompts = load_prompts(f"builtin:{kind}")
+        search, selection, final = split_three(prompts, 0.3, 0.2, seed=0)
+        ids = [{p.id for p in part} for part in (search, selection, final)]
+        assert sum(len(i) for i in ids) == len(prompts) == len(set().union(*ids))
+        assert len(final) == round(len(prompts) * 0.2)
+        assert abs(len(selection) - len(prompts) * 0.3) <= 1
+        assert len({p.category for p in final}) > 1  # stratified, not the file's first rows
+    _, _, none = split_three(load_prompts("builtin:harmful"), 0.3, 0.0)
+    assert none == []
+    with pytest.raises(FlipsearchError, match="must be below 1"):
+        split_three(load_prompts("builtin:harmful"), 0.6, 0.4)
+
+
 def test_split_keeps_its_size_on_small_sets():
     harmful = load_prompts("builtin:harmful")[:24]
     _, holdout = split_harmful(harmful, 0.3, seed=0)

@@ -302,12 +302,28 @@ def test_run_api_searches_and_reports_importances(tiny_model_dir, tmp_path):
         "placement",
     }
     finalists = result.leaderboard.dropna(subset=["holdout_flip_rate"])
-    assert len(finalists) == 3  # top_k: each re-scored on every benign prompt
+    assert len(finalists) == 3  # top_k: each re-scored on every benign prompt of each split
     assert (finalists["benign"] == "measured").all()
-    assert (finalists["benign_refusal_n"] == 12).all()
+    counts = result.info["prompt_counts"]
+    assert counts["benign"] + counts["benign_holdout"] + counts["benign_final"] == 12
+    assert (finalists["benign_refusal_n"] == counts["benign"]).all()
+    assert (finalists["holdout_benign_refusal_n"] == counts["benign_holdout"]).all()
 
 
 def test_two_workers_share_one_postgresql_study(tiny_model_dir, tmp_path, postgres_url):
     _two_workers(tiny_model_dir, tmp_path, postgres_url, "pg")
     info = json.loads((tmp_path / "w0" / "run.json").read_text())
     assert "postgresql" in info["study"]["storage"]
+
+
+def test_a_pruned_trial_reports_its_running_mean_last(tiny_model, tmp_path):
+    """TPE ranks a pruned trial by its last intermediate value: that is its running mean (not
+    the flip of the last prompt it saw), at a step after every prompt's step."""
+    study, rows, _ = _search(tiny_model, tmp_path)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned
+    for trial in pruned:
+        last = max(trial.intermediate_values)
+        assert last == len(HARMFUL)  # past the search split's indices 0..n-1
+        row = rows[trial.user_attrs["row"]["context"]]
+        assert trial.intermediate_values[last] == pytest.approx(row["flip_rate"])

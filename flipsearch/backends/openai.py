@@ -141,6 +141,8 @@ class OpenAIGenerator:
             local = local[: local.rindex(f"-{loaded.dtype}-")]
         self.fingerprint = f"openai:{self.model}:{local}:{spec.openai_endpoint}"
         self.vllm = False  # set by check(): vLLM's server returns token ids on request
+        # The server batches as it likes: flipsearch cannot make its answers batch-invariant.
+        self.mode = "server-side batching (batch invariance is the server's setting)"
         self._next_url = itertools.cycle(self.base_urls)
         self.requests = 0  # HTTP requests sent, retries included (for benchmarks and tests)
 

@@ -45,10 +45,23 @@ class Options:
             key_values=True,
         ),
     )
+    vllm_batch_invariant: bool = field(
+        default=False,
+        metadata=option(
+            "vllm: run vLLM's batch-invariant mode (VLLM_BATCH_INVARIANT=1; needs a GPU "
+            "whose attention backend supports it). Off: vLLM's own batching, whose answers "
+            "can change with batch company (benchmarks/generation.py measures how often)."
+        ),
+    )
 
 
 def create(loaded: LoadedModel, options: Options, batch_size: int) -> tuple[Any, Any]:
-    generator = VLLMGenerator(loaded, options.vllm_args, chunk=max(batch_size, 64))
+    generator = VLLMGenerator(
+        loaded,
+        options.vllm_args,
+        chunk=max(batch_size, 64),
+        batch_invariant=options.vllm_batch_invariant,
+    )
     return generator, generator
 
 
@@ -59,12 +72,15 @@ _NUMERICS_ARGS = frozenset(
 )
 
 
-def engine(model_dir: str, engine_args: dict[str, Any] | None = None) -> Any:
+def engine(
+    model_dir: str, engine_args: dict[str, Any] | None = None, batch_invariant: bool = False
+) -> Any:
     """The process's engine for ``model_dir`` (created on first use, then reused)."""
     args = {"enable_prefix_caching": True, **(engine_args or {})}
     key = (model_dir, repr(sorted(args.items())))
     if key in _ENGINES:
         return _ENGINES[key]
+    _set_batch_invariance(batch_invariant)
     try:
         import torch
         from vllm import LLM
@@ -82,11 +98,37 @@ def engine(model_dir: str, engine_args: dict[str, Any] | None = None) -> Any:
     return _ENGINES[key]
 
 
+def _set_batch_invariance(wanted: bool) -> None:
+    """vLLM reads VLLM_BATCH_INVARIANT when its modules load: set it before, or refuse."""
+    import sys
+
+    value = "1" if wanted else "0"
+    current = os.environ.get("VLLM_BATCH_INVARIANT", "0")
+    if "vllm" in sys.modules and current != value:
+        raise FlipsearchError(
+            "vLLM is already loaded in this process with VLLM_BATCH_INVARIANT="
+            f"{current}; start a new process to switch --vllm-batch-invariant"
+        )
+    if wanted:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise FlipsearchError(
+                "--vllm-batch-invariant needs a CUDA GPU: vLLM's CPU attention has no "
+                "batch-invariant kernels (the hf backend is batch-invariant on a CPU)"
+            )
+    os.environ["VLLM_BATCH_INVARIANT"] = value
+
+
 class VLLMGenerator:
     """Generation and teacher scoring on vLLM's offline engine."""
 
     def __init__(
-        self, loaded: LoadedModel, engine_args: dict[str, Any] | None = None, chunk: int = 256
+        self,
+        loaded: LoadedModel,
+        engine_args: dict[str, Any] | None = None,
+        chunk: int = 256,
+        batch_invariant: bool = False,
     ) -> None:
         if loaded.path is None:
             raise FlipsearchError(
@@ -100,14 +142,22 @@ class VLLMGenerator:
             raise FlipsearchError("set the dtype with --dtype, not --vllm-arg (it keys the cache)")
         if loaded.dtype:
             self.engine_args["dtype"] = loaded.dtype
-        self.llm = engine(str(loaded.path), self.engine_args)
+        self.llm = engine(str(loaded.path), self.engine_args, batch_invariant)
         self.chunk = chunk
+        self.mode = (
+            "vLLM batch-invariant mode (VLLM_BATCH_INVARIANT=1)"
+            if batch_invariant
+            else "vLLM's own batching (not batch-invariant: answers can change with batch "
+            "company; benchmarks/generation.py measures the agreement)"
+        )
         # vLLM's own numerics (kernels, batching) differ from transformers': not the hf key.
         # Engine arguments that change the numerics join the key too.
         numerics = sorted(
             (k, v) for k, v in self.engine_args.items() if k in _NUMERICS_ARGS and v is not None
         )
-        suffix = "".join(f":{k}={v}" for k, v in numerics)
+        suffix = "".join(f":{k}={v}" for k, v in numerics) + (
+            ":invariant" if batch_invariant else ""
+        )
         self.fingerprint = f"vllm:{loaded.fingerprint}{suffix}"
         self.stop_ids = stop_token_ids(self.tokenizer, loaded.generation_config)
 
