@@ -43,9 +43,9 @@ class Options:
     batch_invariant: bool = field(
         default=True,
         metadata=option(
-            "hf: generate at fixed shapes (length buckets, a fixed number of rows, per-prompt "
-            "sampling seeds) so an answer never depends on its batch; --no-batch-invariant "
-            "batches dynamically (faster on short calls, answers may change with batch company)."
+            "hf: generate at fixed shapes (length buckets; on CUDA a fixed number of rows) "
+            "with per-prompt sampling seeds, so an answer never depends on its batch; "
+            "--no-batch-invariant batches dynamically (answers may change with batch company)."
         ),
     )
     length_bucket: int = field(
