@@ -65,14 +65,17 @@ class Options:
     )
 
     def __post_init__(self) -> None:
-        if self.invariant_rows not in ROW_MODES:
-            raise FlipsearchError(
-                f"--invariant-rows must be one of {', '.join(ROW_MODES)}, "
-                f"got {self.invariant_rows!r}"
-            )
+        check_row_mode(self.invariant_rows)  # before the model loads
 
 
 ROW_MODES = ("auto", "fixed", "as-needed")
+
+
+def check_row_mode(value: str) -> None:
+    if value not in ROW_MODES:
+        raise FlipsearchError(
+            f"--invariant-rows must be one of {', '.join(ROW_MODES)}, got {value!r}"
+        )
 
 
 def create(loaded: LoadedModel, options: Options | None, batch_size: int) -> tuple[Any, Any]:
@@ -111,8 +114,7 @@ class HFGenerator:
         self.batch_size = batch_size
         self.batch_invariant = batch_invariant
         self.length_bucket = length_bucket
-        if invariant_rows not in ROW_MODES:
-            raise FlipsearchError(f"invariant_rows must be one of {', '.join(ROW_MODES)}")
+        check_row_mode(invariant_rows)
         on_gpu = getattr(self.model.device, "type", "cpu") == "cuda"
         self.fixed_rows = invariant_rows == "fixed" or (invariant_rows == "auto" and on_gpu)
         # Invariant answers depend on the fixed shapes, so they are cached apart.
@@ -145,16 +147,17 @@ class HFGenerator:
         per_batch = max(1, self.batch_size // decoding.samples)
         for length, indices in self._plan([len(ids) for ids in encoded], per_batch):
             rows = [encoded[i] for i in indices for _ in range(decoding.samples)]
-            seeds = [
-                request_seed(decoding.seed, prompts[i]) * 1_000_003 + k
-                for i in indices
-                for k in range(decoding.samples)
-            ]
+            if not self.batch_invariant:  # one seed for the batch
+                seeds = [decoding.seed * 1_000_003 + indices[0]]
+            else:  # one per row: the prompt's, and the sample's index
+                seeds = [
+                    request_seed(decoding.seed, prompts[i]) * 1_000_003 + k
+                    for i in indices
+                    for k in range(decoding.samples)
+                ]
             if self.batch_invariant and self.fixed_rows:  # filler rows, answers discarded
                 rows += [rows[-1]] * (self.batch_size - len(rows))
                 seeds += [seeds[-1]] * (self.batch_size - len(seeds))
-            elif not self.batch_invariant:
-                seeds = [decoding.seed * 1_000_003 + indices[0]]
             new_tokens = self._generate(rows, length, decoding, seeds)
             results = [
                 [
