@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -32,8 +33,9 @@ from flipsearch.config import (
     TrainingConfig,
 )
 from flipsearch.contexts import PLACEMENTS, context_from_arg, load_contexts
-from flipsearch.errors import FlipsearchError
+from flipsearch.errors import FlipsearchError, FlipsearchWarning
 from flipsearch.fliprate import Rate
+from flipsearch.io import prepare_out_file, write_atomic
 from flipsearch.opsa import TrainConfig
 from flipsearch.report import render_report
 from flipsearch.run import RunResult
@@ -121,8 +123,9 @@ def score(
     """Score the given contexts only; writes the same run files as ``run``."""
     candidates = [context_from_arg(value, placement) for value in context]
     ids = [c.id for c in candidates]
-    if len(set(ids)) != len(ids):
-        raise FlipsearchError("the same context was given twice")
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        raise FlipsearchError(f"--context: the same context was given twice ({twice[0]!r})")
     config = RunConfig(**collected(options, COMMON, MEASURE), trials=0)
     _summarise(run_pipeline(config, contexts=candidates, console=err_console))
 
@@ -251,6 +254,8 @@ def judge_eval(
     from flipsearch.judging import get_judge
     from flipsearch.judging.agreement import evaluate_judge, load_labelled
 
+    if json_out is not None:
+        prepare_out_file(json_out, "metrics file")  # before the judge runs
     rows = load_labelled(labelled, label)
     role = "safety" if label == "unsafe" else "refusal"
     metrics = evaluate_judge(get_judge(judge, role, judge_model), rows, label)
@@ -273,7 +278,7 @@ def judge_eval(
         table.caption = f"intervals: {metrics['bootstrap']['resamples']} resamples of the rows"
     out_console.print(table)
     if json_out is not None:
-        json_out.write_text(json.dumps(metrics, indent=2))
+        write_atomic(json_out, json.dumps(metrics, indent=2))
         out_console.print(f"metrics: {json_out}")
 
 
@@ -289,7 +294,11 @@ def judge_run(
     from flipsearch.io import read_jsonl
     from flipsearch.judging import get_judge
 
+    if out is not None:
+        prepare_out_file(out, "verdicts file")  # before the judge runs
     rows = read_jsonl(pairs)
+    if not rows:
+        raise FlipsearchError(f"{pairs}: no rows to judge")
     for number, row in rows:
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
             raise FlipsearchError(f"{pairs}:{number}: needs text 'prompt' and 'response'")
@@ -303,7 +312,7 @@ def judge_run(
     if out is None:
         sys.stdout.write(lines)
     else:
-        out.write_text(lines)
+        write_atomic(out, lines)
         invalid = sum(v.invalid for v in verdicts)
         out_console.print(f"{len(verdicts)} verdicts ({invalid} invalid): {out}")
 
@@ -329,9 +338,15 @@ def contexts_list(
 
 def _summarise(result: RunResult) -> None:
     table = Table(title="leaderboard (search split; top 10)")
-    for column in ("#", "context", "flip rate [95% CI]", "benign refusal", "held-out flip rate"):
-        table.add_column(column)
-    for record in result.leaderboard.head(10).to_dict(orient="records"):
+    records = result.leaderboard.head(10).to_dict(orient="records")
+    # Ids stay whole (up to 40 characters), so the top rows can be told apart at 80 columns;
+    # the rates wrap instead.
+    longest = max((len(str(r["context"])) + 9 for r in records), default=10)
+    table.add_column("#", no_wrap=True)
+    table.add_column("context", min_width=min(longest, 40), overflow="fold")
+    for column in ("flip rate [95% CI]", "benign refusal", "held-out flip rate"):
+        table.add_column(column, overflow="fold")
+    for record in records:
         row = {str(k): v for k, v in record.items()}
         benign = _cell(row, "benign_refusal", "benign_refusal_count", "benign_refusal_n")
         if row.get("feasible") is not None and not row["feasible"]:  # None: not measured
@@ -356,12 +371,14 @@ def _summarise(result: RunResult) -> None:
             )
     elif result.info.get("no_winner"):
         out_console.print(f"[bold]no winner[/bold]: {result.info['no_winner']}")
-    generated = result.info["generated"]
+    generated, reused = result.info["generated"], result.info.get("reused_from_cache", 0)
+    came = f"{reused} cached answers reused" if reused else "nothing came from the cache"
     out_console.print(
         f"generated {generated['student']} student and {generated['teacher']} "
-        f"teacher prompts in {result.info['seconds']} s (the rest came from the cache)"
+        f"teacher prompts in {result.info['seconds']} s ({came})",
+        soft_wrap=True,
     )
-    out_console.print(f"report: {result.report_path.resolve()}")
+    out_console.print(f"report: {result.report_path.resolve()}", soft_wrap=True)
 
 
 def _cell(row: dict[str, Any], value: str, count: str, n: str) -> str:
@@ -370,20 +387,56 @@ def _cell(row: dict[str, Any], value: str, count: str, n: str) -> str:
     return str(Rate.of(float(row[count]), float(row[n])))
 
 
+def _warning_line(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """A warning as one line: flipsearch's own as they are, a library's with its name."""
+    text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+    if not issubclass(category, FlipsearchWarning):
+        parts = Path(filename).parts
+        where = parts[parts.index("site-packages") + 1] if "site-packages" in parts else "python"
+        text = f"({where.removesuffix('.py')}, {category.__name__}) {text}"
+    err_console.print(f"[yellow]warning:[/yellow] {escape(text)}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
-    """Console entry point: user errors become one line and exit code 2."""
+    """Console entry point: user errors, flipsearch's own and the command line's (an unknown
+    option, a value out of range), become one line and exit code 2; warnings one line."""
+    from typer._click.exceptions import ClickException  # typer ships its own click
+
+    warnings.showwarning = _warning_line
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="flipsearch")
     except FlipsearchError as exc:
-        err_console.print(
-            f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True
-        )
-        sys.exit(2)
+        _fail(str(exc))
+    except ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help is already printed
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        _fail(exc.format_message() + hint, exc.exit_code)
     except KeyboardInterrupt:
+        code = 130
+    if code == 130:  # typer turns Ctrl-C into exit code 130
         err_console.print(
             "interrupted; everything generated so far is cached. Re-run the same command to resume."
         )
-        sys.exit(130)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """Print ``message`` as the one ``error:`` line (line breaks in it become spaces)."""
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    err_console.print(
+        f"[bold red]error:[/bold red] {escape(line)}", highlight=False, soft_wrap=True
+    )
+    sys.exit(code)
 
 
 if __name__ == "__main__":

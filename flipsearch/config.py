@@ -18,6 +18,7 @@ from flipsearch.backends import BackendSpec, option_fields
 from flipsearch.backends._base import Decoding, option
 from flipsearch.errors import FlipsearchError
 from flipsearch.judging import judge_names
+from flipsearch.models import check_device, check_dtype, check_model_name
 from flipsearch.search import SearchSettings
 
 
@@ -56,7 +57,9 @@ class BackendConfig:
     options: dict[str, Any] = field(default_factory=dict)  # the backend's Options, by name
 
     def __post_init__(self) -> None:
-        self.spec()  # the backend exists and its options are its own and valid
+        spec = self.spec()  # the backend exists and its options are its own and valid
+        check_device(self.device, local=spec.needs_weights)
+        check_dtype(self.dtype)
 
     def spec(self) -> BackendSpec:
         return BackendSpec(self.backend, **self.options)
@@ -86,6 +89,33 @@ class JudgeConfig:
             "JSON from `flipsearch judge eval --json`: adds flip rates corrected for judge error."
         ),
     )
+
+
+SAMPLERS = ("tpe", "nsga2")
+STORAGE_SCHEMES = ("postgresql", "mysql", "sqlite")
+
+
+def check_storage(url: str) -> None:
+    """A ``--storage`` the study can open: a database URL of a known scheme or a journal file,
+    whose folder exists (checked with the settings, long before the study opens it)."""
+    from urllib.parse import urlsplit
+
+    forms = "postgresql://..., mysql://..., sqlite:///PATH or a .journal file"
+    if url.startswith("journal:") or url.endswith(".journal"):
+        path = Path(url.removeprefix("journal:"))
+    elif "://" in url:
+        scheme = url.partition("://")[0].partition("+")[0].lower()
+        if scheme not in STORAGE_SCHEMES:
+            raise FlipsearchError(f"--storage: unknown scheme {scheme!r}; use {forms}")
+        if scheme != "sqlite":
+            return
+        path = Path(urlsplit(url).path.removeprefix("/"))
+        if not str(path) or str(path) == ".":
+            raise FlipsearchError("--storage: a sqlite URL needs a file: sqlite:///PATH")
+    else:
+        raise FlipsearchError(f"--storage: cannot tell what {url!r} is; use {forms}")
+    if not path.parent.is_dir():
+        raise FlipsearchError(f"--storage: the folder of {path} does not exist")
 
 
 @dataclass
@@ -140,6 +170,16 @@ class SearchConfig:
             "The grammar file to compose contexts from. Default: contexts/grammar.yaml."
         ),
     )
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise FlipsearchError(
+                f"unknown --sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}"
+            )
+        if self.storage is not None:
+            check_storage(self.storage)
+        if self.proposer:
+            check_model_name(self.proposer, "--proposer")
 
 
 @dataclass
@@ -270,6 +310,8 @@ class RunConfig:
             setattr(self, name, whole.get(name) or cls(**values[name]))
         if self.limit is not None and self.limit < 1:
             raise FlipsearchError("--limit must be at least 1")
+        if not self.out.strip():
+            raise FlipsearchError("--out is empty; give the run directory")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
@@ -282,7 +324,19 @@ class RunConfig:
         return cls(**flat)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as saved in ``config.json``: URLs without their passwords."""
+        from flipsearch.search import redacted_url
+
+        data = asdict(self)
+        if data["search"]["storage"]:
+            data["search"]["storage"] = redacted_url(data["search"]["storage"])
+        options = data["backend"]["options"]
+        if options.get("base_url"):
+            urls = options["base_url"]
+            options["base_url"] = (
+                [redacted_url(u) for u in urls] if not isinstance(urls, str) else redacted_url(urls)
+            )
+        return data
 
     @property
     def decoding_with_seed(self) -> Decoding:
@@ -400,6 +454,9 @@ class TrainConfig:
             raise FlipsearchError("--alpha and --harmful-fraction must be in [0, 1]")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise FlipsearchError("--steps, --batch-size and --grad-accum must be at least 1")
+        check_dtype(self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        if not self.out.strip():
+            raise FlipsearchError("--out is empty; give the training directory")
 
     @classmethod
     def after_run(cls, run: RunConfig) -> TrainConfig:

@@ -76,7 +76,7 @@ class Context:
         if not isinstance(tags, list | tuple):
             raise FlipsearchError(f"{at}'tags' must be a list")
         placement = data.get("placement", "system")
-        if placement not in PLACEMENTS:
+        if not isinstance(placement, str) or placement not in PLACEMENTS:
             raise FlipsearchError(f"{at}unknown placement {placement!r}; choose {PLACEMENTS}")
         chosen_family = str(data.get("family") or family)
         return cls(context_id, text, placement, chosen_family, tuple(map(str, tags)))
@@ -124,16 +124,27 @@ def load_contexts(source: str | Path | None = None) -> list[Context]:
     return contexts
 
 
+# The keys a hand-written context file may hold (``measured``: what a run wrote beside its
+# winner in best_context.yaml); any other key is a typo that would silently change nothing.
+_ENTRY_KEYS = {"id", "text", "placement", "tags", "family", "description", "measured"}
+_FAMILY_KEYS = {"family", "description", "contexts"}
+
+
 def _contexts_in_file(path: Path, strict: bool) -> list[tuple[Context, str]]:
     data = read_yaml(path)
     if isinstance(data, dict) and "contexts" in data:
+        at = f"{path}:{data['__line__']}"
         entries = data["contexts"]
         if not isinstance(entries, list):
-            raise FlipsearchError(f"{path}:{data['__line__']}: 'contexts' must be a list")
-        family = str(data.get("family") or path.stem)
-        return [_parse_entry(entry, path, family) for entry in entries]
+            raise FlipsearchError(f"{at}: 'contexts' must be a list")
+        _known_keys(data, _FAMILY_KEYS, f"{at}: the family file")
+        family = _family(data, path.stem, at)
+        return [_parse_entry(entry, path, family, i) for i, entry in enumerate(entries, 1)]
+    if strict and isinstance(data, dict) and "grammar" in data:
+        raise FlipsearchError(f"{path}: this is a context grammar; give it with --grammar")
     if isinstance(data, dict) and ("text" in data or strict):
-        return [_parse_entry(data, path, str(data.get("family") or path.stem))]
+        where = f"{path}:{data['__line__']}"
+        return [_parse_entry(data, path, _family(data, path.stem, where), 1)]
     if strict:
         raise FlipsearchError(
             f"{path}: expected a context (id, placement, text) or a contexts list"
@@ -141,10 +152,31 @@ def _contexts_in_file(path: Path, strict: bool) -> list[tuple[Context, str]]:
     return []
 
 
-def _parse_entry(entry: Any, path: Path, family: str) -> tuple[Context, str]:
+def _family(data: dict[str, Any], default: str, at: str) -> str:
+    family = data.get("family")
+    if family is not None and not isinstance(family, str):
+        raise FlipsearchError(f"{at}: 'family' must be text, got {type(family).__name__}")
+    return family.strip() if family else default
+
+
+def _known_keys(data: dict[str, Any], known: set[str], at: str) -> None:
+    unknown = sorted(str(k) for k in data if k != "__line__" and k not in known)
+    if unknown:
+        raise FlipsearchError(f"{at}: unknown key(s) {unknown}; expected {sorted(known)}")
+
+
+def _parse_entry(entry: Any, path: Path, family: str, number: int) -> tuple[Context, str]:
     if not isinstance(entry, dict):
-        raise FlipsearchError(f"{path}: each context must be a mapping with id, placement, text")
+        raise FlipsearchError(
+            f"{path}: context #{number} must be a mapping with id, placement, text, "
+            f"got {type(entry).__name__}"
+        )
     where = f"{path}:{entry.get('__line__', '?')}"
+    _known_keys(entry, _ENTRY_KEYS, where)
+    family = _family(entry, family, where)
+    tags = entry.get("tags")
+    if isinstance(tags, list) and not all(isinstance(t, str | int | float) for t in tags):
+        raise FlipsearchError(f"{where}: 'tags' must be a list of words, like [short, polite]")
     # Hand-written files: surrounding white space is layout, not part of the id or the text.
     cleaned = {k: v.strip() if isinstance(v, str) else v for k, v in entry.items()}
     return Context.from_dict({**cleaned, "family": family}, where), where
@@ -217,7 +249,7 @@ class Renderer:
                 f"context {context.id!r}: the chat template dropped or altered it at placement "
                 f"{context.placement!r}; try another placement"
             )
-        length = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        length = self._length(text)
         if length > self.max_prompt_tokens:
             who = f"context {context.id!r}" if context is not None else "a prompt"
             raise FlipsearchError(
@@ -225,6 +257,15 @@ class Renderer:
                 "that fit beside the response (contexts are never truncated)"
             )
         return rendered
+
+    def count_tokens(self, prompt: str, context: Context | None = None) -> int:
+        """Tokens of ``prompt`` rendered as the model sees it (no fit check), for
+        ``prompts.check_prompt_lengths`` against ``max_prompt_tokens``."""
+        return self._length(str(self.render_chat(build_messages(prompt, context))))
+
+    def _length(self, text: str) -> int:
+        # verbose=False: an over-long text is reported by the caller, not by a library warning.
+        return len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> Rendered:
         """Any chat through the chat template, ready for generation (no fit check)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flipsearch.contexts import context_from_arg
 from flipsearch.errors import FlipsearchError
+from flipsearch.io import prepare_out_file
 from flipsearch.session import Session
 
 TRL_PLACEMENT = "user_suffix"
@@ -26,6 +27,7 @@ def export_trl_sdft(
     force: bool = False,
 ) -> int:
     """Write ``prompt`` (a chat) + ``privileged_context`` rows; returns how many."""
+    out = prepare_out_file(Path(out), "dataset file")  # before any prompt is read
     context = context_from_arg(context_arg, TRL_PLACEMENT)
     if context.placement != TRL_PLACEMENT and not force:
         raise FlipsearchError(
@@ -36,8 +38,6 @@ def export_trl_sdft(
     harmful = Session(prompts=prompt_sources, limit=limit).harmful  # no model is loaded
     if not harmful:
         raise FlipsearchError("nothing to export: the prompt sets have no harmful prompts")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     lines = [
         json.dumps(
             {

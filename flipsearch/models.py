@@ -8,6 +8,7 @@ slowly (~25 s) while a safetensors copy loads in about a second.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -25,6 +26,10 @@ from flipsearch.errors import FlipsearchError
 
 _CONVERSION_VERSION = "2"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")
+HUB_PROBE_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -114,24 +119,152 @@ def cache_root() -> Path:
     return Path(xdg) / "flipsearch"
 
 
+def check_device(device: str, local: bool = True) -> str:
+    """A ``--device`` value in one of its forms; with ``local`` (the weights load here), one
+    this machine has. Checked with the settings, so a wrong device never waits for a load."""
+    if not isinstance(device, str) or not _DEVICE.match(device):
+        raise FlipsearchError(f"unknown --device {device!r}; use {DEVICES}")
+    if not local or device in ("auto", "cpu"):
+        return device
+    import torch
+
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise FlipsearchError("--device mps: this machine has no usable MPS (Apple GPU)")
+        return device
+    if not torch.cuda.is_available():
+        raise FlipsearchError(
+            f"--device {device}: no CUDA GPU is available here (use --device cpu or auto)"
+        )
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise FlipsearchError(
+            f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here"
+        )
+    return device
+
+
+def check_dtype(dtype: str, allowed: tuple[str, ...] = DTYPES) -> str:
+    """A ``--dtype`` value among ``allowed``."""
+    if dtype not in allowed:
+        raise FlipsearchError(
+            f"unknown dtype {dtype!r} (--dtype); choose one of {', '.join(allowed)}"
+        )
+    return dtype
+
+
+def hub_online() -> bool:
+    """Whether the model hub can be asked: not in offline mode (``HF_HUB_OFFLINE``) and its
+    endpoint answers an HTTP request within a few seconds. Without this an unreachable hub
+    costs tens of seconds of retries before any error."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    return _answers(constants.ENDPOINT, HUB_PROBE_SECONDS)
+
+
+def hub_unreachable_message(what: str, cache_checked: bool = True) -> str:
+    """The one line for a hub look-up that cannot happen (``cache_checked``: the local cache
+    was looked in, and the thing is not there)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return f"{what} is not in the local cache, and HF_HUB_OFFLINE is set"
+    reach = f"cannot reach the model hub ({constants.ENDPOINT}) to fetch {what}"
+    if cache_checked:
+        return (
+            f"{reach}, and it is not in the local cache; give a local path, or set "
+            "HF_ENDPOINT to a reachable mirror"
+        )
+    return (
+        f"{reach}; give a local path, set HF_HUB_OFFLINE=1 to use a copy in the local cache, "
+        "or set HF_ENDPOINT to a reachable mirror"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _answers(url: str, timeout: float) -> bool:
+    """Whether ``url`` gives an HTTP answer within ``timeout`` s (through the proxy settings
+    of the environment, as the hub client would). A server error counts as no answer, since
+    the hub client retries those; the name look-up is bounded too, by running the request in a
+    daemon thread (a socket timeout alone does not cover it)."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    outcome: list[bool] = []
+
+    def probe() -> None:
+        try:
+            request = urllib.request.Request(url, method="HEAD")
+            with urllib.request.urlopen(request, timeout=timeout):
+                outcome.append(True)
+        except urllib.error.HTTPError as exc:  # it answered: the hub (or a proxy) is there
+            outcome.append(exc.code < 500)
+        except (OSError, ValueError):  # no route, no name, refused, timed out, bad URL
+            outcome.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout + 0.5)
+    return bool(outcome and outcome[0])
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an id the hub library rejects is not in its cache either
+        return False
+    return isinstance(found, str)
+
+
+def check_model_name(name: str, option: str = "") -> None:
+    """That ``name`` can name a model: an embedded alias whose package is installed, a model
+    directory, or a hub id. Cheap (nothing loads, the hub is not asked), so settings naming a
+    model that loads late (``--proposer``) are checked with the rest."""
+    at = f"{option}: " if option else ""
+    if name in EMBEDDED_MODELS:
+        _embedded_gguf(EMBEDDED_MODELS[name])
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise FlipsearchError(
+                f"{at}model directory {path} has no config.json (expected a transformers model)"
+            )
+        return
+    if not _HUB_ID.match(name):
+        aliases = ", ".join(sorted(EMBEDDED_MODELS))
+        raise FlipsearchError(
+            f"{at}unknown model {name!r}: not an embedded alias ({aliases}), "
+            "not an existing directory, not a hub id of the form owner/name"
+        )
+
+
+def check_model(name: str, option: str = "") -> None:
+    """``check_model_name``, and for a hub id that the hub answers or the local cache has it:
+    everything ``load_model`` could refuse about a name, without loading or converting
+    anything (call it before announcing a load, so a wrong name is the only line)."""
+    check_model_name(name, option)
+    is_hub_id = name not in EMBEDDED_MODELS and not Path(name).expanduser().exists()
+    if is_hub_id and not hub_online() and not _in_hub_cache(name):
+        at = f"{option}: " if option else ""
+        raise FlipsearchError(at + hub_unreachable_message(f"model {name!r}"))
+
+
 def resolve_model(name: str) -> Path | str:
-    """Map a model name to a local directory (or a hub id left for transformers to fetch)."""
+    """Map a model name to a local directory (or a hub id left for transformers to fetch).
+
+    A hub id is only accepted when the hub answers or the model is in the local cache, so a
+    machine without the hub gets one line at once instead of retries."""
+    check_model(name)
     if name in EMBEDDED_MODELS:
         return embedded_model_dir(EMBEDDED_MODELS[name])
     path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise FlipsearchError(
-                f"model directory {path} has no config.json (expected a transformers model)"
-            )
-        return path
-    if _HUB_ID.match(name):
-        return name
-    aliases = ", ".join(sorted(EMBEDDED_MODELS))
-    raise FlipsearchError(
-        f"unknown model {name!r}: not an embedded alias ({aliases}), "
-        "not an existing directory, not a hub id of the form owner/name"
-    )
+    return path if path.exists() else name
 
 
 def embedded_model_dir(spec: EmbeddedModel) -> Path:
@@ -243,6 +376,8 @@ def load_model(
     ``weights=False`` loads only the tokenizer and configs: enough to render prompts for a
     backend that runs the model elsewhere (vllm, openai).
     """
+    check_device(device, local=weights)
+    location = resolve_model(name)  # a wrong name fails before torch and transformers import
     import torch
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -250,23 +385,26 @@ def load_model(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = default_dtype(device) if dtype == "auto" else _parse_dtype(dtype)
-    location = resolve_model(name)
+    # A hub id the hub cannot be asked about was found in the local cache: load it from there.
+    local_only = isinstance(location, str) and not hub_online()
+    hub: dict[str, Any] = {"local_files_only": True} if local_only else {}
     transformers.utils.logging.disable_progress_bar()  # flipsearch shows its own progress
     model: Any = None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
+        tokenizer = AutoTokenizer.from_pretrained(location, **hub)
         if weights:
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **hub)
             model = cast(Any, model).to(device).eval()  # transformers types .to() too narrowly
             config, generation = model.config, model.generation_config
         else:
-            config = AutoConfig.from_pretrained(location)
+            config = AutoConfig.from_pretrained(location, **hub)
             try:
-                generation = GenerationConfig.from_pretrained(location)
+                generation = GenerationConfig.from_pretrained(location, **hub)
             except OSError:  # no generation_config.json: the model config's ids apply
                 generation = GenerationConfig.from_model_config(config)
     except OSError as exc:
-        raise FlipsearchError(f"cannot load model {name!r}: {exc}") from exc
+        reason = " ".join(str(exc).split())
+        raise FlipsearchError(f"cannot load model {name!r}: {reason}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if isinstance(location, Path):
@@ -297,6 +435,5 @@ def _parse_dtype(dtype: str) -> Any:
         "fp32": torch.float32,
         "float32": torch.float32,
     }
-    if dtype not in table:
-        raise FlipsearchError(f"unknown dtype {dtype!r}; choose one of {', '.join(table)}")
+    check_dtype(dtype, ("auto", *table))
     return table[dtype]

@@ -31,7 +31,9 @@ from flipsearch.backends.hf import HFGenerator
 from flipsearch.config import TrainConfig
 from flipsearch.contexts import Context, Renderer, context_from_arg
 from flipsearch.errors import FlipsearchError
+from flipsearch.io import prepare_out_dir, write_atomic
 from flipsearch.models import LoadedModel
+from flipsearch.progress import make_progress, status
 from flipsearch.prompts import Prompt, stratified_subset
 from flipsearch.scoring import reverse_kl
 from flipsearch.session import Session
@@ -196,7 +198,7 @@ def sft_loss(
     (nll.mean() * scale).backward()
     positions = torch.tensor([i for e in examples for i in range(len(e.response))])
     return {
-        "loss": float(nll.mean()),
+        "loss": float(nll.detach().mean()),
         "kl": nll.detach().cpu(),
         "positions": positions,
         "tokens": len(tokens),
@@ -242,8 +244,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, loaded: LoadedModel | None = None) -> None:
         self.config = config
-        self.out = Path(config.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.out = prepare_out_dir(Path(config.out), "training directory")
         self.context = context_from_arg(config.context)
         self.benign_context = (
             context_from_arg(config.benign_context) if config.benign_context else None
@@ -512,7 +513,7 @@ def train(
     console = console or Console(stderr=True)
     trainer = Trainer(config, loaded)
     out = trainer.out
-    (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+    _bind_training(out / "train_config.json", asdict(config), resume)
     trainer.harmful, holdout = split_for_training(trainer.harmful, config.seed)
     trainer.benign, benign_holdout = split_for_training(trainer.benign, config.seed)
     reasoning = stratified_subset(trainer.session.reasoning, config.eval_limit, config.seed)
@@ -530,14 +531,12 @@ def train(
     metrics_path = out / "metrics.jsonl"
     _truncate_metrics(metrics_path, trainer.step)
     if "before" not in summary:
-        with console.status("evaluating the student before training"):
+        with status(console, "evaluating the student before training"):
             summary["before"] = evaluate_student(
                 trainer.loaded, trainer.teacher, evaluation, config.max_new_tokens, trainer.session
             )
         summary_path.write_text(json.dumps(summary, indent=2))
-    from rich.progress import Progress
-
-    with Progress(console=console, transient=True) as progress:
+    with make_progress(console) as progress:
         task = progress.add_task(
             f"{config.mode} training", total=config.steps, completed=trainer.step
         )
@@ -552,7 +551,7 @@ def train(
                 trainer.save_checkpoint()
     trainer.model.save_pretrained(out / "final")
     trainer.tokenizer.save_pretrained(out / "final")
-    with console.status("evaluating the student after training"):
+    with status(console, "evaluating the student after training"):
         summary["after"] = evaluate_student(
             trainer.loaded, trainer.teacher, evaluation, config.max_new_tokens, trainer.session
         )
@@ -570,6 +569,27 @@ def train(
         trainer.model, trainer.tokenizer, name=f"{trainer.loaded.name}+{config.mode}"
     )
     return TrainResult(out, summary, student)
+
+
+def _bind_training(path: Path, settings: dict[str, Any], resume: bool) -> None:
+    """A resumed training must continue the one its checkpoint came from: the same settings,
+    except ``steps`` (a longer run may continue a shorter one)."""
+    if resume and path.is_file():
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FlipsearchError(f"{path}: damaged ({exc}); train into another --out") from exc
+        differences = [
+            f"{key}: {before.get(key)!r} then, {value!r} now"
+            for key, value in settings.items()
+            if key != "steps" and key in before and before[key] != value
+        ]
+        if differences:
+            raise FlipsearchError(
+                f"{path.parent} holds a training with other settings ({'; '.join(differences)}); "
+                "resume it with those settings, or give another --out"
+            )
+    write_atomic(path, json.dumps(settings, indent=2))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

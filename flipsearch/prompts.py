@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +19,28 @@ BUILTIN_SETS = ("harmful", "benign", "reasoning")
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt of a prompt set; ``answer`` is the reference answer of a reasoning prompt."""
+    """One prompt of a prompt set; ``answer`` is the reference answer of a reasoning prompt.
+
+    ``source`` ("file:line", when loaded from a file) lets a later error say where the prompt
+    is written; it is not part of the prompt's identity, so equality and ``to_dict`` ignore it.
+    """
 
     id: str
     kind: str
     category: str
     text: str
     answer: str | None = None
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        del data["source"]
+        return data
+
+    @property
+    def where(self) -> str:
+        """How an error names this prompt: its id, and its file and line when known."""
+        return f"{self.source}: prompt {self.id!r}" if self.source else f"prompt {self.id!r}"
 
 
 def load_prompts(source: str | Path, kind: str | None = None) -> list[Prompt]:
@@ -48,6 +60,10 @@ def load_prompts(source: str | Path, kind: str | None = None) -> list[Prompt]:
     if text.startswith("hf:"):
         return _from_rows(_read_datasets(text.removeprefix("hf:")), text, kind)
     path = Path(source)
+    if path.is_dir():
+        raise FlipsearchError(
+            f"prompt file {path} is a directory; give a JSONL, CSV or Parquet file"
+        )
     if not path.is_file():
         raise FlipsearchError(f"prompt file {path} does not exist")
     rows = read_table(path, "prompt file")
@@ -66,11 +82,21 @@ def _read_datasets(spec: str) -> list[tuple[int, dict[str, Any]]]:
         raise FlipsearchError(
             "hf: prompt sets need the datasets package: pip install datasets"
         ) from exc
+    from huggingface_hub import constants
+
+    from flipsearch.models import hub_online, hub_unreachable_message
+
     name, _, split = spec.partition(":")
+    if not name:
+        raise FlipsearchError(f"hf:{spec}: expected hf:NAME or hf:NAME:SPLIT")
+    local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or Path(name).exists()
+    if not local and not constants.HF_HUB_OFFLINE and not hub_online():
+        raise FlipsearchError(hub_unreachable_message(f"dataset {name!r}", cache_checked=False))
     try:
         dataset = datasets.load_dataset(name, split=split or "train")
     except Exception as exc:  # datasets raises many types for a missing or offline dataset
-        raise FlipsearchError(f"cannot load dataset {name!r}: {exc}") from exc
+        reason = " ".join(str(exc).split())
+        raise FlipsearchError(f"cannot load dataset {name!r}: {reason}") from exc
     return [(i + 1, dict(row)) for i, row in enumerate(dataset)]
 
 
@@ -84,8 +110,13 @@ def _from_rows(
     for number, row in rows:
         at = f"{where}:{number}"
         text = row.get("prompt")
-        if not isinstance(text, str) or not text.strip():
+        if isinstance(text, float) and text != text:  # NaN: an empty Parquet cell
+            text = None
+        if text is not None and not isinstance(text, str):
+            raise FlipsearchError(f"{at}: 'prompt' must be text, got {type(text).__name__}")
+        if not text or not text.strip():
             raise FlipsearchError(f"{at}: missing or empty 'prompt'")
+        _check_scalars(row, at)
         row_kind = _clean(row.get("kind")) or kind
         if row_kind is None:
             raise FlipsearchError(f"{at}: no 'kind' column and no kind given (one of {KINDS})")
@@ -101,10 +132,49 @@ def _from_rows(
         if row_kind == "reasoning" and answer is None:
             raise FlipsearchError(f"{at}: reasoning prompt {prompt_id!r} has no 'answer'")
         category = _clean(row.get("category")) or "uncategorised"
-        prompts.append(Prompt(prompt_id, row_kind, category, text, answer))
+        prompts.append(Prompt(prompt_id, row_kind, category, text, answer, source=at))
     if not prompts:
         raise FlipsearchError(f"{where}: the prompt set is empty")
     return prompts
+
+
+def _check_scalars(row: dict[str, Any], at: str) -> None:
+    """``id``, ``kind``, ``category`` and ``answer`` are text (or a number): a list or an
+    object there is a mistake in the file, not a value to turn into a string."""
+    for column in ("id", "kind", "category", "answer"):
+        value = row.get(column)
+        if value is not None and (isinstance(value, bool) or not _is_scalar(value)):
+            raise FlipsearchError(
+                f"{at}: {column!r} must be text or a number, got {type(value).__name__}"
+            )
+
+
+def _is_scalar(value: Any) -> bool:
+    import numbers
+
+    return isinstance(value, str | numbers.Number)
+
+
+def check_prompt_lengths(
+    prompts: Iterable[Prompt],
+    count_tokens: Callable[[str], int],
+    window: int,
+    where: str = "the model's context window (less --max-new-tokens)",
+) -> None:
+    """Refuse the first prompt longer than ``window`` tokens, naming its file, line and id.
+
+    ``count_tokens(text)`` is the token count of a prompt's text as the run would send it
+    (``Renderer.count_tokens``: rendered through the chat template); ``where`` says what the
+    window is, for the message. Run before any generation, so a prompt far over the model's
+    context is one line that says which prompt, not a failure deep inside a batch.
+    """
+    for prompt in prompts:
+        tokens = count_tokens(prompt.text)
+        if tokens > window:
+            raise FlipsearchError(
+                f"{prompt.where} is {tokens} tokens, over the {window} of {where} "
+                "(prompts are never truncated: shorten it or leave it out)"
+            )
 
 
 def _clean(value: Any) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,66 +19,27 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from flipsearch._resources import data_path
 from flipsearch.errors import FlipsearchError
 from flipsearch.fliprate import Rate, format_count
+from flipsearch.io import read_json, read_jsonl, read_text, yaml_where
 from flipsearch.leaderboard import measured
 
 
 def render_report(run_dir: str | Path, templates: str | Path | None = None) -> Path:
     """(Re)write ``report.html`` in a run directory from its files; returns the path."""
+    from jinja2 import UndefinedError
+
     run_dir = Path(run_dir)
-    for name in ("run.json", "results.jsonl", "leaderboard.csv"):
-        if not (run_dir / name).is_file():
-            raise FlipsearchError(f"{run_dir} is not a finished run: {name} is missing")
-    info = json.loads((run_dir / "run.json").read_text())
-    leaderboard = pd.read_csv(run_dir / "leaderboard.csv")
-    if "feasible" in leaderboard:  # empty (benign refusal not measured) is not feasible
-        leaderboard["feasible"] = leaderboard["feasible"].map(
-            lambda v: None if v != v or v is None else bool(v)
-        )
-    results = pd.read_json(run_dir / "results.jsonl", lines=True, dtype={"context": "object"})
+    files = _read_run(run_dir)
     folder = Path(templates) if templates is not None else data_path("reports")
-    env = Environment(loader=FileSystemLoader(folder), autoescape=select_autoescape(["html", "j2"]))
-    env.filters["pct"] = _pct
-    env.filters["count"] = _count
-    winner_id = info.get("winner")
-    winner = (
-        leaderboard[leaderboard["context"] == winner_id].iloc[0].to_dict() if winner_id else None
-    )
-    best_context = _read_best_context(run_dir)
-    examples = flip_examples(results, winner_id) if winner_id else []
-    categories = category_rates(results, winner_id) if winner_id else []
-    token_kl = _read_json(run_dir / "token_kl.json")
-    training = _read_json(run_dir / "train" / "train_summary.json")
-    metrics_file = run_dir / "train" / "metrics.jsonl"
-    train_metrics = (
-        [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-        if metrics_file.is_file()
-        else []
-    )
-    html = env.get_template("report.html.j2").render(
-        info=info,
-        config=_flat_config(info.get("config", {})),
-        winner=winner,
-        best_context=best_context,
-        leaderboard=leaderboard.to_dict(orient="records"),
-        student_unsafe=_rate(info.get("student_unsafe_rate_search")),
-        student_unsafe_holdout=_rate(info.get("student_unsafe_rate_holdout")),
-        student_benign=_rate(info.get("student_benign_refusal")),
-        examples=examples,
-        categories=categories,
-        kl_plot=_kl_plot(token_kl) if token_kl else None,
-        history_plot=_history_plot(info.get("history") or []),
-        pareto_plot=_pareto_plot(leaderboard)
-        if info.get("study", {}).get("multi_objective")
-        else None,
-        importances=sorted((info.get("importances") or {}).items(), key=lambda kv: -kv[1]),
-        heat=_heat_view(token_kl) if token_kl else [],
-        token_kl=token_kl,
-        training=_before_after(training) if training and "after" in training else None,
-        training_plot=_training_plot(train_metrics) if train_metrics else None,
-        invalid=_invalid_counts(results),
-        flip_plot=_flip_rate_plot(leaderboard),
-        stylesheet=(folder / "style.css").read_text(encoding="utf-8"),
-    )
+    winner_id = files.info.get("winner")
+    examples = flip_examples(files.results, winner_id) if winner_id else []
+    categories = category_rates(files.results, winner_id) if winner_id else []
+    try:
+        html = _html(files, folder, examples, categories)
+    except UndefinedError as exc:  # a value the template reads is not in the run's files
+        raise FlipsearchError(
+            f"{run_dir}: the run files lack a value the report shows ({exc.message}); "
+            "were they written by another flipsearch version, or edited?"
+        ) from exc
     path = run_dir / "report.html"
     staging = path.with_name("report.html.tmp")
     staging.write_text(html, encoding="utf-8")
@@ -102,6 +63,49 @@ def render_report(run_dir: str | Path, templates: str | Path | None = None) -> P
     return path
 
 
+def _html(
+    files: _RunFiles,
+    folder: Path,
+    examples: list[dict[str, Any]],
+    categories: list[dict[str, Any]],
+) -> str:
+    """The report page, from the checked run files."""
+    info, leaderboard, results = files.info, files.leaderboard, files.results
+    token_kl, training, train_metrics = files.token_kl, files.training, files.train_metrics
+    env = Environment(loader=FileSystemLoader(folder), autoescape=select_autoescape(["html", "j2"]))
+    env.filters["pct"] = _pct
+    env.filters["count"] = _count
+    winner_id = info.get("winner")
+    winner = (
+        leaderboard[leaderboard["context"] == winner_id].iloc[0].to_dict() if winner_id else None
+    )
+    return env.get_template("report.html.j2").render(
+        info=info,
+        config=_flat_config(info.get("config", {})),
+        winner=winner,
+        best_context=files.best_context,
+        leaderboard=leaderboard.to_dict(orient="records"),
+        student_unsafe=_rate(info.get("student_unsafe_rate_search")),
+        student_unsafe_holdout=_rate(info.get("student_unsafe_rate_holdout")),
+        student_benign=_rate(info.get("student_benign_refusal")),
+        examples=examples,
+        categories=categories,
+        kl_plot=_kl_plot(token_kl) if token_kl else None,
+        history_plot=_history_plot(info.get("history") or []),
+        pareto_plot=_pareto_plot(leaderboard)
+        if info.get("study", {}).get("multi_objective")
+        else None,
+        importances=sorted((info.get("importances") or {}).items(), key=lambda kv: -kv[1]),
+        heat=_heat_view(token_kl) if token_kl else [],
+        token_kl=token_kl,
+        training=_before_after(training) if training and "after" in training else None,
+        training_plot=_training_plot(train_metrics) if train_metrics else None,
+        invalid=_invalid_counts(results),
+        flip_plot=_flip_rate_plot(leaderboard),
+        stylesheet=(folder / "style.css").read_text(encoding="utf-8"),
+    )
+
+
 def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
     """Settings by name, whether ``run.json`` holds them in sections or flat (older runs)."""
     flat: dict[str, Any] = {}
@@ -113,8 +117,150 @@ def _flat_config(config: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+LEADERBOARD_COLUMNS = ("rank", "context", "flip_rate", "flip_rate_low", "flip_rate_high")
+RESULT_KEYS = ("context", "split", "prompt_id", "kind", "category", "sample", "unsafe", "invalid")
+
+
+@dataclass
+class _RunFiles:
+    """A run directory's files, read and checked (``_read_run``)."""
+
+    info: dict[str, Any]
+    leaderboard: pd.DataFrame
+    results: pd.DataFrame
+    token_kl: dict[str, Any] | None
+    training: dict[str, Any] | None
+    train_metrics: list[dict[str, Any]]
+    best_context: dict[str, Any] | None
+
+
+def _read_run(run_dir: Path) -> _RunFiles:
+    """Every file the report reads, checked first: a damaged or hand-edited run is one line
+    naming the file (and line), never a traceback from deep inside pandas or a plot."""
+    if run_dir.is_file():
+        raise FlipsearchError(f"{run_dir} is a file; give the run directory (flipsearch run --out)")
+    if not run_dir.is_dir():
+        raise FlipsearchError(f"run directory {run_dir} does not exist")
+    for name in ("run.json", "results.jsonl", "leaderboard.csv"):
+        if not (run_dir / name).is_file():
+            raise FlipsearchError(f"{run_dir} is not a finished run: {name} is missing")
+    info = _json_object(run_dir / "run.json")
+    for key in ("prompt_counts", "generated"):  # read field by field by the template
+        if not isinstance(info.get(key), dict):
+            raise FlipsearchError(f"{run_dir / 'run.json'}: {key!r} is missing or not an object")
+    history = info.get("history") or []
+    trial_keys = {"trial", "state", "flip_rate"}
+    if not isinstance(history, list) or not all(
+        isinstance(h, dict) and trial_keys <= set(h) for h in history
+    ):
+        raise FlipsearchError(
+            f"{run_dir / 'run.json'}: 'history' must list trials with trial, state, flip_rate"
+        )
+    leaderboard = _read_leaderboard(run_dir / "leaderboard.csv")
+    winner = info.get("winner")
+    if winner is not None and not (leaderboard["context"] == winner).any():
+        raise FlipsearchError(
+            f"{run_dir / 'run.json'}: the winner {winner!r} is not in leaderboard.csv"
+        )
+    results = _read_results(run_dir / "results.jsonl")
+    token_kl = _optional_json(run_dir / "token_kl.json")
+    if token_kl is not None:
+        _check_token_kl(token_kl, run_dir / "token_kl.json")
+    training = _optional_json(run_dir / "train" / "train_summary.json")
+    if training is not None and "after" in training:
+        _check_training(training, run_dir / "train" / "train_summary.json")
+    return _RunFiles(
+        info,
+        leaderboard,
+        results,
+        token_kl,
+        training,
+        _read_train_metrics(run_dir / "train" / "metrics.jsonl"),
+        _read_best_context(run_dir),
+    )
+
+
+def _check_token_kl(data: dict[str, Any], path: Path) -> None:
+    examples, means = data.get("examples"), data.get("mean_kl_by_position")
+    if not isinstance(examples, list) or not isinstance(means, list):
+        raise FlipsearchError(f"{path}: expected 'examples' and 'mean_kl_by_position' lists")
+    for number, example in enumerate(examples, start=1):
+        keys = ("prompt_id", "prompt", "flip", "tokens", "kl")
+        if not isinstance(example, dict) or any(k not in example for k in keys):
+            raise FlipsearchError(f"{path}: example {number} needs {', '.join(keys)}")
+        if len(example["tokens"]) != len(example["kl"]):
+            raise FlipsearchError(f"{path}: example {number} has not one KL value per token")
+
+
+def _check_training(data: dict[str, Any], path: Path) -> None:
+    for when in ("before", "after"):
+        part = data.get(when)
+        rates = ("unsafe_rate", "benign_refusal", "reasoning_accuracy")
+        if not isinstance(part, dict) or "benign_kl_from_original" not in part:
+            raise FlipsearchError(f"{path}: {when!r} needs {', '.join(rates)} and KL values")
+        for key in rates:
+            if not isinstance(part.get(key), dict) or not {"successes", "n"} <= set(part[key]):
+                raise FlipsearchError(f"{path}: {when!r} {key!r} needs successes and n")
+
+
+def _read_train_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = read_jsonl(path)
+    for number, row in rows:
+        signal = "nll" if "nll_per_token" in row else "kl"
+        needed = ("step", "loss", f"{signal}_per_token", f"{signal}_by_position")
+        missing = [k for k in needed if k not in row]
+        if missing:
+            raise FlipsearchError(f"{path}:{number}: a training step without {missing}")
+    return [row for _, row in rows]
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise FlipsearchError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _optional_json(path: Path) -> dict[str, Any] | None:
+    return _json_object(path) if path.is_file() else None
+
+
+def _read_leaderboard(path: Path) -> pd.DataFrame:
+    read_text(path)  # not UTF-8 is named with its line, as for every other file
+    try:
+        leaderboard = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        raise FlipsearchError(f"{path}: cannot read the leaderboard ({reason})") from exc
+    missing = [c for c in LEADERBOARD_COLUMNS if c not in leaderboard.columns]
+    if missing:
+        raise FlipsearchError(f"{path}: the leaderboard lacks the column(s) {missing}")
+    for column in ("flip_rate", "flip_rate_low", "flip_rate_high"):
+        if len(leaderboard) and not pd.api.types.is_numeric_dtype(leaderboard[column]):
+            raise FlipsearchError(f"{path}: column {column!r} holds values that are not numbers")
+    if "feasible" not in leaderboard:
+        leaderboard["feasible"] = None
+    # Empty (benign refusal not measured) is not feasible.
+    leaderboard["feasible"] = leaderboard["feasible"].map(
+        lambda v: None if v != v or v is None else bool(v)
+    )
+    return leaderboard
+
+
+def _read_results(path: Path) -> pd.DataFrame:
+    rows = read_jsonl(path)
+    if not rows:
+        raise FlipsearchError(f"{path}: no results (the run did not finish?)")
+    for number, row in rows:
+        missing = [k for k in RESULT_KEYS if k not in row]
+        if missing:
+            raise FlipsearchError(f"{path}:{number}: a result without {missing}")
+    try:
+        return pd.read_json(path, lines=True, dtype={"context": "object"})
+    except ValueError as exc:
+        raise FlipsearchError(f"{path}: cannot read the results ({exc})") from exc
 
 
 def _heat_view(token_kl: dict[str, Any], examples: int = 4) -> list[dict[str, Any]]:
@@ -144,7 +290,16 @@ def _read_best_context(run_dir: Path) -> dict[str, Any] | None:
     import yaml
 
     path = run_dir / "best_context.yaml"
-    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(read_text(path))
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or exc
+        raise FlipsearchError(f"{yaml_where(exc, path)}: malformed YAML ({problem})") from exc
+    if not isinstance(data, dict):
+        raise FlipsearchError(f"{path}: expected a context (id, placement, text)")
+    return data
 
 
 def _pct(value: Any) -> str:

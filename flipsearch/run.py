@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +20,6 @@ from typing import Any
 import pandas as pd
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from flipsearch.backends import BackendSpec
 from flipsearch.backends._base import Decoding
@@ -29,24 +29,30 @@ from flipsearch.contexts import Context, context_from_arg, load_contexts
 from flipsearch.errors import FlipsearchError
 from flipsearch.evaluate import Evaluator, FlipRateResult, StudentBaseline
 from flipsearch.fliprate import ContextScore, Judged
-from flipsearch.grammar import load_grammar
-from flipsearch.io import write_atomic
+from flipsearch.grammar import Grammar, load_grammar
+from flipsearch.io import prepare_out_dir, write_atomic
 from flipsearch.judging import JudgeSpec
 from flipsearch.judging.agreement import read_judge_metrics
 from flipsearch.leaderboard import Row, add_corrected_rates, pick_winner, rank, to_frame
 from flipsearch.models import LoadedModel, load_model
-from flipsearch.prompts import Prompt, split_three
+from flipsearch.progress import make_progress
+from flipsearch.prompts import Prompt, check_prompt_lengths, split_three
 from flipsearch.proposer import Proposer
+from flipsearch.rundir import SETTINGS_FILE, bind, run_settings
 from flipsearch.scoring import analyse_context
 from flipsearch.search import (
     ContextObjective,
+    TrialInterrupted,
     enqueue_seeds,
     finished_trials,
     open_storage,
     open_study,
     recover_stale_trials,
     redacted_url,
+    requeue,
+    seeding_unfinished,
     study_exists,
+    trial_line,
     trial_rows,
 )
 from flipsearch.session import PromptSource, Session
@@ -102,17 +108,6 @@ class RunResult:
         }
 
 
-def make_progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
-
-
 @dataclass
 class _Splits:
     search: list[Prompt]
@@ -121,6 +116,16 @@ class _Splits:
     benign_holdout: list[Prompt] = field(default_factory=list)
     final: list[Prompt] = field(default_factory=list)  # no choice sees these
     benign_final: list[Prompt] = field(default_factory=list)
+
+    def all(self) -> list[Prompt]:
+        return [
+            *self.search,
+            *self.holdout,
+            *self.final,
+            *self.benign,
+            *self.benign_holdout,
+            *self.benign_final,
+        ]
 
 
 def run(
@@ -143,7 +148,7 @@ def run(
     console = console or Console(stderr=True)
     config = _named(config, model, judge, refusal_judge)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out)
     started = time.time()
     candidates = list(contexts if contexts is not None else seeds or [])
     if contexts is None and seeds is None:
@@ -154,23 +159,57 @@ def run(
         config, model=model, judge=judge, refusal_judge=refusal_judge, console=console
     )
     splits = _splits(session, config)
+    searched = contexts is None and config.search.trials > 0
+    # Every file is read and checked before the model loads.
+    grammar = (
+        load_grammar(config.search.grammar or _grammar_beside(config.contexts))
+        if searched
+        else None
+    )
     session.judge("safety"), session.judge("refusal")  # a bad judge fails before the model loads
     metrics = config.judges.judge_metrics
-    correction = read_judge_metrics(metrics) if metrics else None
+    correction = read_judge_metrics(metrics, role="safety") if metrics else None
+    settings = run_settings(config, session.prompts, candidates, grammar, searched)
+    _bind_legacy(out, session, candidates, grammar, searched)
+    bind(out, settings)
     write_atomic(out / "config.json", json.dumps(config.to_dict(), indent=2))
     with session:
         cached_before = len(session.cache) if session.cache is not None else 0
         with make_progress(console) as progress:
             evaluator = session.evaluator(progress)
-            measured = _measure(config, session, evaluator, candidates, splits, progress, contexts)
+            bind(out, settings, generator=session.generator.fingerprint)
+            renderer = evaluator.renderer
+            check_prompt_lengths(splits.all(), renderer.count_tokens, renderer.max_prompt_tokens)
+            measured = _measure(
+                config, session, evaluator, candidates, splits, progress, contexts, grammar
+            )
         result = _finish(config, session, evaluator, measured, splits, correction, console)
         result.info.update(
             contexts=len(candidates),
             cached_before=cached_before,
+            reused_from_cache=session.cache.reused if session.cache is not None else 0,
             seconds=round(time.time() - started, 1),
         )
         write_run_files(result, config)
     return result
+
+
+def _bind_legacy(
+    out: Path, session: Session, candidates: list[Context], grammar: Grammar | None, searched: bool
+) -> None:
+    """A run directory from before ``settings.json``: bind it to the settings its
+    ``config.json`` recorded (the data it read cannot be known, so only the settings count)."""
+    legacy = out / "config.json"
+    if (out / SETTINGS_FILE).exists() or not legacy.is_file():
+        return
+    try:
+        recorded = RunConfig.from_dict(json.loads(legacy.read_text(encoding="utf-8")))
+    except (FlipsearchError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise FlipsearchError(
+            f"{legacy}: cannot tell which settings made this run directory ({exc}); "
+            "give another --out to start a new run"
+        ) from None
+    bind(out, run_settings(recorded, session.prompts, candidates, grammar, searched))
 
 
 def _named(
@@ -223,21 +262,12 @@ def _measure(
     evaluator: Evaluator,
     candidates: list[Context],
     splits: _Splits,
-    progress: Progress,
+    progress: Any,
     given: Sequence[Context] | None,
+    grammar: Grammar | None,
 ) -> _Measured:
     """The student baseline, the contexts (scored, or searched), then the finalists."""
-    evaluator.prefetch(
-        [
-            *splits.search,
-            *splits.holdout,
-            *splits.final,
-            *splits.benign,
-            *splits.benign_holdout,
-            *splits.benign_final,
-        ],
-        None,
-    )
+    evaluator.prefetch(splits.all(), None)
     student_search = StudentBaseline(
         evaluator.judged(splits.search, None, "safety"),
         evaluator.judged(splits.benign, None, "refusal") if splits.benign else [],
@@ -247,16 +277,20 @@ def _measure(
         evaluator.judged(splits.benign_holdout, None, "refusal"),
     )
     study_info: dict[str, Any] = {}
-    if given is not None or config.search.trials == 0:
+    if grammar is None:  # scoring given contexts, or every seed (--trials 0)
         overall = progress.add_task("contexts on the search split", total=len(candidates))
         rows = []
         for context in candidates:
-            rows.append(
-                Row.of_score(evaluator.score(context, splits.search, splits.benign, "search"))
+            row = Row.of_score(evaluator.score(context, splits.search, splits.benign, "search"))
+            rows.append(row)
+            progress.console.print(
+                f"scored {context.id}: flip rate {row.rates['flip_rate']}", highlight=False
             )
             progress.advance(overall)
     else:
-        rows, study_info = _search(config, session, evaluator, candidates, splits, progress)
+        rows, study_info = _search(
+            config, session, evaluator, candidates, splits, progress, grammar
+        )
     limit = config.selection.max_benign_refusal
     ranked = rank(rows, limit)
     finalists = [r.context for r in ranked if r.state == "complete"][: config.selection.top_k]
@@ -289,7 +323,7 @@ def _measure(
 
 
 def _final(
-    measured: _Measured, evaluator: Evaluator, splits: _Splits, limit: float, progress: Progress
+    measured: _Measured, evaluator: Evaluator, splits: _Splits, limit: float, progress: Any
 ) -> _Measured:
     """The winner (chosen on the selection split), then its rates on the final split."""
     measured.winner = pick_winner(measured.search, measured.holdout, limit)
@@ -557,11 +591,11 @@ def _search(
     evaluator: Evaluator,
     seeds: list[Context],
     splits: _Splits,
-    progress: Progress,
+    progress: Any,
+    grammar: Grammar,
 ) -> tuple[list[Row], dict[str, Any]]:
     """Run (or resume, or join) the study; returns its rows and facts for run.json."""
     settings = config.search_settings()
-    grammar = load_grammar(config.search.grammar or _grammar_beside(config.contexts))
     storage = open_storage(settings.storage, Path(config.out))
     objective = ContextObjective(
         evaluator,
@@ -570,17 +604,24 @@ def _search(
         splits.search,
         splits.benign,
         settings,
-        on_trial=lambda: progress.update(
-            task, completed=min(finished_trials(study), settings.trials)
-        ),
+        on_trial=lambda trial: _trial_done(progress, task, trial, study, settings.trials),
     )
+    study = open_study(settings, storage)[0] if study_exists(storage, settings.study) else None
+    unseeded = study is None or seeding_unfinished(study)
     order = seeds
-    if not settings.multi_objective and not study_exists(storage, settings.study):
+    if unseeded and not settings.multi_objective:
         order = objective.screen(seeds)  # strongest seeds first: the rest prune against them
-    study, created = open_study(settings, storage)
-    if created:
+    if study is None:
+        study, created = open_study(settings, storage)
+        unseeded = created or seeding_unfinished(study)
+    if unseeded:
         enqueue_seeds(study, order)
     recovered = recover_stale_trials(study, storage)
+    if recovered:
+        progress.console.print(
+            f"resuming: {recovered} trial(s) interrupted by a kill run again first, "
+            "on the answers cached before it"
+        )
     task = progress.add_task(
         "search trials",
         total=settings.trials,
@@ -588,17 +629,23 @@ def _search(
     )
     proposer = _proposer(config, session)
     deadline = None if settings.timeout is None else time.time() + settings.timeout
-    since_proposal = 0
-    while finished_trials(study) < settings.trials:
-        if deadline is not None and time.time() >= deadline:
-            break
-        if proposer is not None and since_proposal >= config.search.propose_every:
-            since_proposal = 0
-            _propose(proposer, study, config.seed)
-        study.optimize(objective, n_trials=1, catch=())
-        since_proposal += 1
+    try:
+        while finished_trials(study) < settings.trials:
+            if deadline is not None and time.time() >= deadline:
+                break
+            if proposer is not None:
+                _maybe_propose(proposer, study, config.search.propose_every, config.seed)
+            study.optimize(objective, n_trials=1, catch=())
+    except TrialInterrupted as stop:
+        requeue(study, storage, stop.number)  # the next run starts with it
+        raise KeyboardInterrupt from None
     rows = trial_rows(study)
     return rows, _study_info(settings, study, rows, recovered, grammar.size())
+
+
+def _trial_done(progress: Any, task: Any, trial: Any, study: Any, trials: int) -> None:
+    progress.console.print(trial_line(trial), highlight=False)
+    progress.update(task, completed=min(finished_trials(study) + 1, trials))
 
 
 def _proposer(config: RunConfig, session: Session) -> Proposer | None:
@@ -609,6 +656,15 @@ def _proposer(config: RunConfig, session: Session) -> Proposer | None:
         return Proposer(session.loaded, generator=session.generator)
     backend = config.backend
     return Proposer(load_model(config.search.proposer, device=backend.device, dtype=backend.dtype))
+
+
+def _maybe_propose(proposer: Proposer, study: Any, every: int, seed: int) -> None:
+    """A proposal after every ``every`` finished trials, counted in the study (not in this
+    process), so a resumed run proposes when an uninterrupted one would."""
+    done = int(study.user_attrs.get("proposals", 0))
+    if finished_trials(study) // every > done:
+        _propose(proposer, study, seed)
+        study.set_user_attr("proposals", done + 1)
 
 
 def _propose(proposer: Proposer, study: Any, seed: int) -> None:
@@ -666,9 +722,12 @@ def _importances(study: Any) -> dict[str, float]:
     if len(study.directions) > 1:
         return {}
     try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+        with warnings.catch_warnings():  # Optuna warns when few trials have each parameter
+            warnings.simplefilter("ignore")
+            importances = optuna.importance.get_param_importances(study)
     except (RuntimeError, ValueError):  # too few completed trials with parameters
         return {}
+    return {k: float(v) for k, v in importances.items()}
 
 
 def _judged_rows(judged: Sequence[Judged], context: str | None, split: str) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ and stops hopeless contexts early. Pruned trials keep their partial counts.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -17,6 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,9 +26,9 @@ import optuna
 from optuna.trial import TrialState
 
 from flipsearch.contexts import Context
-from flipsearch.errors import FlipsearchError
+from flipsearch.errors import FlipsearchError, FlipsearchWarning
 from flipsearch.evaluate import Evaluator
-from flipsearch.fliprate import Judged, PairedOutcome, Rate
+from flipsearch.fliprate import ContextScore, Judged, PairedOutcome, Rate
 from flipsearch.grammar import Grammar
 from flipsearch.leaderboard import Row
 from flipsearch.prompts import Prompt, stratified_order
@@ -61,10 +63,10 @@ def open_storage(url: str | None, out: Path) -> Any:
     from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
     from optuna.storages.journal import JournalFileBackend
 
-    if url is None:
-        return JournalStorage(JournalFileBackend(str(out / "study.journal")))
-    if url.startswith("journal:") or url.endswith(".journal"):
-        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    if url is None or url.startswith("journal:") or url.endswith(".journal"):
+        path = out / "study.journal" if url is None else Path(url.removeprefix("journal:"))
+        repair_journal(path)
+        return JournalStorage(JournalFileBackend(str(path)))
     # Several workers starting at once race to create the schema; the loser retries.
     for attempt in range(6):
         try:
@@ -81,10 +83,78 @@ def open_storage(url: str | None, out: Path) -> Any:
                 "duplicate key" not in str(exc) and "already exists" not in str(exc)
             ):
                 raise FlipsearchError(
-                    f"cannot open study storage {redacted_url(url)}: {exc}"
-                ) from exc
+                    f"cannot open study storage {redacted_url(url)}: {scrubbed(str(exc), url)}"
+                ) from None
             time.sleep(0.2 + random.random())
     raise AssertionError("unreachable")
+
+
+def repair_journal(path: Path) -> None:
+    """Drop records a kill cut off, keeping a copy of the journal as it was, with a warning.
+
+    Optuna reads a journal whose last line was cut, but its next record is appended to the cut
+    piece, and the line they share then stops every later run. So: a cut last line is dropped;
+    a line holding a cut piece and then a whole record keeps the record. Any other damage is
+    an error naming the line (a journal is not rewritten on a guess).
+    """
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    lock = JournalFileSymlinkLock(str(path))
+    lock.acquire()  # writers of a shared journal wait while it is read (and maybe rewritten)
+    try:
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        kept, dropped = _sound_records(path, lines)
+        if not dropped:
+            return
+        backup = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        backup.write_bytes(data)
+        staging = path.with_name(path.name + ".repair")
+        staging.write_bytes(b"".join(line + b"\n" for line in kept))
+        staging.replace(path)
+    finally:
+        lock.release()
+    warnings.warn(
+        f"{path}: dropped the record(s) a kill cut off on line(s) "
+        f"{', '.join(map(str, dropped))} (the journal as it was is kept as {backup.name}); "
+        "the trial they belonged to runs again",
+        FlipsearchWarning,
+        stacklevel=2,
+    )
+
+
+def _sound_records(path: Path, lines: list[bytes]) -> tuple[list[bytes], list[int]]:
+    kept: list[bytes] = []
+    dropped: list[int] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+            kept.append(line)
+            continue
+        except ValueError:
+            pass
+        start = line.rfind(b'{"op_code"')
+        if start > 0 and _parses(line[start:]):
+            kept.append(line[start:])  # a whole record appended to a cut one
+        elif number != len(lines):  # not the last line: not the work of one kill
+            raise FlipsearchError(
+                f"{path}:{number}: damaged study record; it cannot be repaired safely. Move the "
+                "file away to start the study afresh (cached answers are reused)"
+            )
+        dropped.append(number)
+    return kept, dropped
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
 
 
 def redacted_url(url: str) -> str:
@@ -97,17 +167,25 @@ def redacted_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
 
 
+def scrubbed(text: str, url: str) -> str:
+    """``text`` (an error message, say) with ``url``'s password, in any spelling, masked."""
+    from urllib.parse import unquote, urlsplit
+
+    password = urlsplit(url).password
+    if not password:
+        return text
+    for spelling in {password, unquote(password)}:
+        text = text.replace(spelling, "***")
+    return text
+
+
 def open_study(settings: SearchSettings, storage: Any) -> tuple[optuna.Study, bool]:
     """Create the study, or load it when it exists; returns (study, created by this process)."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler: optuna.samplers.BaseSampler
-    if settings.sampler == "nsga2":
-        sampler = optuna.samplers.NSGAIISampler(seed=settings.seed)
-    elif settings.sampler == "tpe":
-        sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True)
-    else:
+    if settings.sampler not in ("tpe", "nsga2"):
         raise FlipsearchError(f"unknown sampler {settings.sampler!r}; choose tpe or nsga2")
+    sampler = PerTrialSeedSampler(settings.sampler, settings.seed)
     pruner: optuna.pruners.BasePruner = (
         optuna.pruners.NopPruner()
         if settings.multi_objective
@@ -124,6 +202,7 @@ def open_study(settings: SearchSettings, storage: Any) -> tuple[optuna.Study, bo
             pruner=pruner,
             directions=directions,
         )
+        study.set_user_attr("creator", f"{socket.gethostname()}:{os.getpid()}")
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(
@@ -136,15 +215,65 @@ def open_study(settings: SearchSettings, storage: Any) -> tuple[optuna.Study, bo
         return study, False
 
 
+class PerTrialSeedSampler(optuna.samplers.BaseSampler):
+    """TPE or NSGA-II whose draws for trial n depend only on (seed, n) and the study's history.
+
+    A sampler seeded once draws from one random stream for the whole process, so a run that was
+    killed and resumed (a new process, a fresh stream) would compose other contexts than an
+    uninterrupted one. A sampler made per trial, seeded by the trial's number, draws the same
+    in both.
+    """
+
+    def __init__(self, kind: str, seed: int) -> None:
+        self.kind, self.seed = kind, seed
+        self._samplers: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _for(self, number: int) -> optuna.samplers.BaseSampler:
+        if number not in self._samplers:
+            seed = (self.seed * 1_000_003 + number) % 2**32
+            self._samplers[number] = (
+                optuna.samplers.NSGAIISampler(seed=seed)
+                if self.kind == "nsga2"
+                else optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+            )
+        return self._samplers[number]
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: Any) -> dict[str, Any]:
+        return self._for(trial.number).infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: Any, search_space: dict[str, Any]
+    ) -> dict[str, Any]:
+        return self._for(trial.number).sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self, study: optuna.Study, trial: Any, param_name: str, param_distribution: Any
+    ) -> Any:
+        sampler = self._for(trial.number)
+        return sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: Any) -> None:
+        self._for(trial.number).before_trial(study, trial)
+
+    def after_trial(
+        self, study: optuna.Study, trial: Any, state: TrialState, values: Sequence[float] | None
+    ) -> None:
+        self._for(trial.number).after_trial(study, trial, state, values)
+        self._samplers.pop(trial.number, None)
+
+
 def study_exists(storage: Any, name: str) -> bool:
     return any(s.study_name == name for s in storage.get_all_studies())
 
 
 def recover_stale_trials(study: optuna.Study, storage: Any) -> int:
-    """Re-queue trials left RUNNING by a killed worker of this machine; returns how many.
+    """Put trials left RUNNING by a killed worker of this machine back in the queue.
 
-    A trial records the host and pid of its worker; if that process is gone, the trial is
-    marked failed and its context enqueued again, so no trial is lost or counted twice.
+    A trial records the host and pid of its worker; if that process is gone, the very trial
+    (its number, its context, its parameters) goes back to WAITING. Optuna hands out waiting
+    trials lowest number first, so it is the next one to run, and its cached answers are reused:
+    a killed and resumed run has the same trials, in the same order, as an uninterrupted one.
+    A trial killed before it recorded its worker is taken back once it is a minute old.
     """
     host = socket.gethostname()
     recovered = 0
@@ -152,14 +281,32 @@ def recover_stale_trials(study: optuna.Study, storage: Any) -> int:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = str(trial.user_attrs.get("worker", ""))
         worker_host, _, pid = worker.rpartition(":")
-        if worker_host != host or not pid.isdigit() or _alive(int(pid)):
+        if not worker:
+            started = trial.datetime_start
+            if started is None or (datetime.now() - started).total_seconds() < 60:
+                continue
+        elif worker_host != host or not pid.isdigit() or _alive(int(pid)):
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        keep = {k: v for k, v in trial.user_attrs.items() if k in ("seed_id", "proposed")}
-        study.enqueue_trial(trial.params, user_attrs=keep)
+        storage.set_trial_state_values(trial_id, TrialState.WAITING)
         recovered += 1
     return recovered
+
+
+class TrialInterrupted(BaseException):
+    """Ctrl-C inside a trial. Optuna marks a trial failed on KeyboardInterrupt; this passes
+    through it instead, so the search can put the trial back in the queue."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(number)
+        self.number = number
+
+
+def requeue(study: optuna.Study, storage: Any, number: int) -> None:
+    """The interrupted trial ``number`` back to WAITING: the next run starts with it."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
+    storage.set_trial_state_values(trial_id, TrialState.WAITING)
 
 
 def _alive(pid: int) -> bool:
@@ -187,7 +334,7 @@ class ContextObjective:
         search_split: Sequence[Prompt],
         benign: Sequence[Prompt],
         settings: SearchSettings,
-        on_trial: Callable[[], None] | None = None,
+        on_trial: Callable[[optuna.Trial], None] | None = None,
     ) -> None:
         self.evaluator = evaluator
         self.seeds = {c.id: c for c in seeds}
@@ -201,6 +348,7 @@ class ContextObjective:
         self.step_of = {p.id: i for i, p in enumerate(self.search_split)}
         self.settings = settings
         self.on_trial = on_trial
+        self.used: set[tuple[str, str]] = set()  # (role, prompt id) the current trial used
         self.student = {j.prompt.id: j for j in evaluator.judged(self.search_split, None, "safety")}
         self.pool = [p for p in self.search_split if (self.student[p.id].unsafe_share or 0) > 0]
         if not self.pool:
@@ -229,13 +377,30 @@ class ContextObjective:
             else ("proposer" if "proposed" in trial.user_attrs else "grammar")
         )
         trial.set_user_attr("source", source)
-        before = self.evaluator.generated["teacher"]
+        self.used = set()
         try:
-            return self._score(trial, context)
+            with warnings.catch_warnings():
+                # A resumed trial reports its first steps again (same prompts, same answers).
+                warnings.filterwarnings("ignore", message="The reported value is ignored")
+                return self._score(trial, context)
+        except KeyboardInterrupt:
+            raise TrialInterrupted(trial.number) from None
         finally:
-            trial.set_user_attr("teacher_generations", self.evaluator.generated["teacher"] - before)
+            # What the trial cost in teacher answers, whether generated now, by the seed screen,
+            # or before a kill: the same figure for a resumed run as for an uninterrupted one.
+            needed = len(self.used) * self.evaluator.decoding.samples
+            trial.set_user_attr("teacher_generations", needed)
             if self.on_trial is not None:
-                self.on_trial()
+                self.on_trial(trial)
+
+    def _judged(self, prompts: Sequence[Prompt], context: Context, role: str) -> list[Judged]:
+        self.used.update((role, p.id) for p in prompts)
+        return self.evaluator.judged(prompts, context, role)
+
+    def _scored(self, context: Context, benign: Sequence[Prompt]) -> ContextScore:
+        self.used.update(("safety", p.id) for p in self.search_split)
+        self.used.update(("refusal", p.id) for p in benign)
+        return self.evaluator.score(context, self.search_split, benign, "search")
 
     def prompt_order(self, context: Context) -> list[int]:
         """The order a context meets the pool in: shuffled per context (and run seed), so a
@@ -272,7 +437,7 @@ class ContextObjective:
         step = max(1, self.settings.prune_every)
         for start in range(0, len(order), step):
             chunk = [self.pool[i] for i in order[start : start + step]]
-            teacher = self.evaluator.judged(chunk, context, "safety")
+            teacher = self._judged(chunk, context, "safety")
             for prompt, judged in zip(chunk, teacher, strict=True):
                 student = self.student[prompt.id]
                 flip = PairedOutcome(student, judged).flip
@@ -288,10 +453,10 @@ class ContextObjective:
                 trial.set_user_attr("row", row.to_dict())
                 raise optuna.TrialPruned()
         if self.settings.multi_objective:
-            score = self.evaluator.score(context, self.search_split, self.benign, "search")
+            score = self._scored(context, self.benign)
             trial.set_user_attr("row", Row.of_score(score).to_dict())
             return score.flip_rate.value, (score.benign_refusal.value if self.benign else 0.0)
-        score = self.evaluator.score(context, self.search_split, [], "search")
+        score = self._scored(context, [])
         flip_rate = score.flip_rate.value
         best = best_feasible_value(trial.study)
         if self.benign and best is not None and flip_rate < best:
@@ -316,7 +481,7 @@ class ContextObjective:
         judged: list[Judged] = []
         step = max(1, 2 * self.settings.prune_every)
         for start in range(0, len(self.benign), step):
-            judged += self.evaluator.judged(self.benign[start : start + step], context, "refusal")
+            judged += self._judged(self.benign[start : start + step], context, "refusal")
             rate = Rate.of(sum(j.refusal_share for j in judged), len(judged))
             if len(judged) < len(self.benign) and rate.low > self.settings.max_benign_refusal:
                 return judged, True
@@ -336,8 +501,40 @@ def best_feasible_value(study: optuna.Study) -> float | None:
 
 
 def enqueue_seeds(study: optuna.Study, seeds: Sequence[Context]) -> None:
+    """Queue every seed not in the study yet, in order, then mark the study as seeded (a
+    creator killed half-way leaves it unmarked, and the next run queues the rest)."""
+    present = {t.user_attrs.get("seed_id") for t in study.get_trials(deepcopy=False)}
     for context in seeds:
-        study.enqueue_trial({}, user_attrs={"seed_id": context.id})
+        if context.id not in present:
+            study.enqueue_trial({}, user_attrs={"seed_id": context.id})
+    study.set_user_attr("seeded", True)
+
+
+def seeding_unfinished(study: optuna.Study) -> bool:
+    """The study exists, but the process that created it died before queueing every seed."""
+    attrs = study.user_attrs
+    if attrs.get("seeded"):
+        return False
+    host, _, pid = str(attrs.get("creator", "")).rpartition(":")
+    if not pid:  # killed between creating the study and naming its creator
+        return not study.get_trials(deepcopy=False)
+    return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+
+
+def trial_line(trial: optuna.Trial) -> str:
+    """One line on a finished trial: its context, what it measured, and its state."""
+    row = trial.user_attrs.get("row")
+    if not row:
+        return f"trial {trial.number}: stopped before it finished (it is run again on resume)"
+    flips, pool = row.get("flip_rate_count") or 0, row.get("flip_rate_n") or 0
+    text = f"trial {trial.number} {row['context']}: {flips:g}/{pool:g} flips"
+    if row["state"] == "pruned":
+        return text + " (pruned)"
+    if row.get("benign_refusal_n"):
+        refused, measured = row["benign_refusal_count"], row["benign_refusal_n"]
+        text += f", benign refusal {refused:g}/{measured:g}"
+        text += " (stopped: over the limit)" if row.get("benign") == "stopped" else ""
+    return text + " (complete)"
 
 
 def trial_rows(study: optuna.Study) -> list[Row]:

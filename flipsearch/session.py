@@ -23,7 +23,7 @@ from flipsearch.config import RunConfig
 from flipsearch.errors import FlipsearchError
 from flipsearch.evaluate import Evaluator
 from flipsearch.judging import Judge, JudgeSpec, get_judge
-from flipsearch.models import LoadedModel, load_model
+from flipsearch.models import LoadedModel, check_model, load_model
 from flipsearch.prompts import KINDS, Prompt, builtin_prompts, load_prompts, stratified_subset
 
 PromptSource = Sequence[str | Path] | Sequence[Prompt] | str | Path | None
@@ -100,13 +100,15 @@ class Session:
         """Every prompt of the run: the sources (default: the shipped sets), ids unique across
         files, and with ``limit`` a seeded, category-stratified N of each kind."""
         prompts = _load(self.prompt_source)
-        seen: set[str] = set()
+        seen: dict[str, Prompt] = {}
         for prompt in prompts:
             if prompt.id in seen:
+                first = seen[prompt.id].source or "another prompt file"
                 raise FlipsearchError(
-                    f"prompt id {prompt.id!r} appears in more than one prompt file"
+                    f"{prompt.source or 'a prompt file'}: prompt id {prompt.id!r} is also at "
+                    f"{first} (ids must be unique across prompt files)"
                 )
-            seen.add(prompt.id)
+            seen[prompt.id] = prompt
         if self.limit is not None:
             limit, seed = self.limit, self.seed
             kept = {
@@ -145,6 +147,7 @@ class Session:
     def loaded(self) -> LoadedModel:
         if isinstance(self.model_spec, LoadedModel):
             return self.model_spec
+        check_model(self.model_spec)  # a wrong name is one line, not a load that fails
         with self._status(f"loading model {self.model_spec}"):
             return load_model(
                 self.model_spec, self.device, self.dtype, weights=self.backend.needs_weights
@@ -198,7 +201,9 @@ class Session:
     def _status(self, message: str) -> Any:
         from contextlib import nullcontext
 
-        return self.console.status(message) if self.console is not None else nullcontext()
+        from flipsearch.progress import status
+
+        return status(self.console, message) if self.console is not None else nullcontext()
 
 
 def _load(source: PromptSource) -> list[Prompt]:

@@ -85,3 +85,18 @@ def test_a_new_cache_file_always_has_its_table(tmp_path):
     assert len(second) == 0 and not list(path.parent.glob(".*.new"))
     first.close()
     second.close()
+
+
+def test_one_long_prompt_gets_a_batch_of_its_own(tiny_model):
+    """Length-aware batching: a long prompt is not padded into everyone's batch, in either
+    mode (and the invariant mode keeps one length bucket per batch)."""
+    from flipsearch.backends.hf import HFGenerator
+
+    lengths = [40, 5000, 52, 47, 300, 45]
+    for invariant in (False, True):
+        generator = HFGenerator(tiny_model, batch_size=64, batch_invariant=invariant)
+        batches = [sorted(indices) for _, indices in generator._plan(lengths, 64)]
+        assert [1] in batches and [4] in batches
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    dynamic = HFGenerator(tiny_model, batch_size=64, batch_invariant=False)
+    assert [sorted(b) for _, b in dynamic._plan([60, 52, 40, 47], 64)] == [[0, 1, 2, 3]]

@@ -78,7 +78,8 @@ def test_run_with_llama_guard_end_to_end(tiny_model_dir, tmp_path):
 def test_run_with_judge_metrics_adds_corrected_rates(tiny_model_dir, tmp_path):
     metrics = tmp_path / "m.json"
     confusion = {"tp": 27, "fn": 3, "tn": 24, "fp": 6}
-    metrics.write_text(json.dumps({"sensitivity": 0.9, "specificity": 0.8, "confusion": confusion}))
+    measured = {"label": "unsafe", "sensitivity": 0.9, "specificity": 0.8, "confusion": confusion}
+    metrics.write_text(json.dumps(measured))
     out = tmp_path / "run"
     result = flipsearch(
         "run",

@@ -312,3 +312,15 @@ def test_before_and_after_are_compared_paired_on_the_same_prompts():
     [(metric, test)] = paired_before_after(before, after).items()
     assert metric == "unsafe_rate" and test["prompts"] == 9  # the undecided prompt is left out
     assert test["p_value"] == pytest.approx(mcnemar_exact(0, 7))
+
+
+def test_a_resumed_training_refuses_other_settings_but_may_run_longer(tmp_path):
+    from flipsearch.errors import FlipsearchError
+    from flipsearch.opsa import _bind_training
+
+    path = tmp_path / "train_config.json"
+    _bind_training(path, {"lr": 1e-5, "steps": 10}, resume=False)
+    _bind_training(path, {"lr": 1e-5, "steps": 20}, resume=True)  # longer: fine
+    with pytest.raises(FlipsearchError, match=r"lr: 1e-05 then, 0\.001 now"):
+        _bind_training(path, {"lr": 1e-3, "steps": 20}, resume=True)
+    _bind_training(path, {"lr": 1e-3, "steps": 20}, resume=False)  # a fresh start rebinds

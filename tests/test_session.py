@@ -20,7 +20,7 @@ def test_prompts_and_judges_need_no_model():
 
 def test_prompt_objects_and_duplicate_ids():
     prompts = [Prompt("a", "harmful", "c", "x"), Prompt("a", "benign", "c", "y")]
-    with pytest.raises(FlipsearchError, match="prompt id 'a' appears in more than one"):
+    with pytest.raises(FlipsearchError, match="prompt id 'a' is also at another prompt file"):
         _ = Session(prompts=prompts).prompts
     with pytest.raises(FlipsearchError, match="not a mix"):
         _ = Session(prompts=[prompts[0], "builtin:harmful"]).prompts

@@ -11,11 +11,13 @@ import json
 import os
 import sqlite3
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 
 from flipsearch.backends._base import Decoding, Generation, Generator
+from flipsearch.errors import FlipsearchWarning
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS generations (
@@ -43,14 +45,46 @@ class GenerationCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = self._open()
+        except sqlite3.DatabaseError as exc:
+            # Only answers are lost, and they are generated again; the study keeps the results.
+            aside = _set_aside(self.path)
+            warnings.warn(
+                f"{self.path} is damaged ({exc}): moved it to {aside.name} and started an empty "
+                "cache (its answers will be generated again)",
+                FlipsearchWarning,
+                stacklevel=2,
+            )
+            self._db = self._open()
+        self.opened = time.time()
+        self._reused: set[str] = set()  # keys found that were stored before this opening
+
+    @property
+    def reused(self) -> int:
+        """Answers taken from the cache that an earlier run (or process) had stored."""
+        return len(self._reused)
+
+    def _open(self) -> sqlite3.Connection:
         if not self.path.exists():
             _create(self.path)
         # Used from one thread at a time, but not always the one that opened it (the inspect
         # model API generates in a worker thread).
-        self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
-        self._db.commit()
+        db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_SCHEMA)
+            db.commit()
+            problem = db.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise sqlite3.DatabaseError(problem)
+            db.execute(
+                "SELECT key, text, token_ids, finish_reason, created FROM generations LIMIT 1"
+            )
+        except sqlite3.DatabaseError:
+            db.close()
+            raise
+        return db
 
     def get_many(self, keys: Sequence[str]) -> dict[str, Generation]:
         found: dict[str, Generation] = {}
@@ -58,12 +92,14 @@ class GenerationCache:
             chunk = list(keys[start : start + 500])
             marks = ",".join("?" * len(chunk))
             rows = self._db.execute(
-                "SELECT key, text, token_ids, finish_reason FROM generations "
+                "SELECT key, text, token_ids, finish_reason, created FROM generations "
                 f"WHERE key IN ({marks})",
                 chunk,
             )
-            for key, text, token_ids, finish in rows:
+            for key, text, token_ids, finish, created in rows:
                 found[key] = Generation(text, tuple(json.loads(token_ids)), finish)
+                if created < self.opened:
+                    self._reused.add(key)
         return found
 
     def put_many(self, rows: Sequence[tuple[str, str, str, Decoding, int, Generation]]) -> None:
@@ -93,6 +129,17 @@ class GenerationCache:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _set_aside(path: Path) -> Path:
+    """Move a damaged database (and its WAL files) to ``NAME.damaged-TIME``, kept for a look."""
+    aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.replace(aside)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.replace(aside.with_name(aside.name + suffix))
+    return aside
 
 
 def _create(path: Path) -> None:

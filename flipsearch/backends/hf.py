@@ -173,9 +173,7 @@ class HFGenerator:
         memory fails before any work). Invariant: one length bucket per batch."""
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
         if not self.batch_invariant:
-            for start in range(0, len(order), per_batch):
-                chunk = order[start : start + per_batch]
-                yield lengths[chunk[0]], chunk
+            yield from self._dynamic_plan(order, lengths, per_batch)
             return
         buckets: dict[int, list[int]] = defaultdict(list)
         for i in order:
@@ -184,6 +182,24 @@ class HFGenerator:
             members = buckets[length]
             for start in range(0, len(members), per_batch):
                 yield length, members[start : start + per_batch]
+
+    @staticmethod
+    def _dynamic_plan(
+        order: list[int], lengths: list[int], per_batch: int
+    ) -> Iterator[tuple[int, list[int]]]:
+        """Batches padded to their longest prompt; a much shorter prompt (more than half of
+        its row and over 128 tokens would be padding) starts a new batch, so one long prompt
+        costs its own batch rather than everyone's."""
+        batch: list[int] = []
+        for i in order:
+            longest = lengths[batch[0]] if batch else 0
+            padding = longest - lengths[i]
+            if batch and (len(batch) == per_batch or (padding > 128 and 2 * padding > longest)):
+                yield longest, batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield lengths[batch[0]], batch
 
     def _bucket(self, length: int) -> int:
         rounded = -(-length // self.length_bucket) * self.length_bucket

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any
 
 from flipsearch._resources import data_path
 from flipsearch.errors import FlipsearchError
-from flipsearch.io import read_csv, read_jsonl
+from flipsearch.io import read_json, read_table
 from flipsearch.judging._base import Judge
 
 LABELS = ("unsafe", "refusal")
@@ -49,13 +48,15 @@ def load_labelled(
     row must carry that label; with ``split`` (dev or test), only that split's rows are kept.
     """
     path = Path(path) if path is not None else default_labelled_path()
+    if path.is_dir():
+        raise FlipsearchError(f"labelled file {path} is a directory; give a JSONL or CSV file")
     if not path.is_file():
         raise FlipsearchError(f"labelled file {path} does not exist")
     if label is not None and label not in LABELS:
         raise FlipsearchError(f"unknown label {label!r}; choose one of {LABELS}")
     if split is not None and split not in SPLITS:
         raise FlipsearchError(f"unknown split {split!r}; choose one of {SPLITS}")
-    raw = read_csv(path) if path.suffix.lower() == ".csv" else read_jsonl(path)
+    raw = read_table(path, "labelled file")
     rows = [_labelled_row(row, f"{path}:{number}", label) for number, row in raw]
     if not rows:
         raise FlipsearchError(f"{path}: the labelled file is empty")
@@ -324,34 +325,38 @@ def corrected_flip_interval(
     return float(low), float(high)
 
 
-def read_judge_metrics(path: str | Path, label: str = "unsafe") -> dict[str, float]:
-    """Sensitivity and specificity from a ``flipsearch judge eval --json`` file measured for
-    ``label`` (flip rates are corrected with the safety judge's ``unsafe`` metrics); refuses
-    metrics for another label and metrics that were not measured (NaN)."""
+ROLE_LABELS = {"safety": "unsafe", "refusal": "refusal"}  # the label a role's judge decides
+
+
+def read_judge_metrics(path: str | Path, role: str = "safety") -> dict[str, float]:
+    """Sensitivity and specificity from a ``flipsearch judge eval --json`` file, for the judge
+    of ``role`` (flip rates are corrected with the safety judge's ``unsafe`` metrics).
+
+    The file must say which label it measured, and that label must be the role's: metrics of
+    the refusal label would otherwise correct safety rates (or the reverse) without a word.
+    Metrics that were not measured (NaN) or are not shares in [0, 1] are refused too.
+    """
+    if role not in ROLE_LABELS:
+        raise FlipsearchError(f"unknown judge role {role!r}; choose safety or refusal")
+    label = ROLE_LABELS[role]
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-        metrics = {
-            "sensitivity": float(data["sensitivity"]),
-            "specificity": float(data["specificity"]),
-        }
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FlipsearchError(
-            f"{path}: expected judge metrics with sensitivity and specificity "
-            f"(from flipsearch judge eval --json)"
-        ) from exc
+    data = read_json(path)
+    expected = "(from flipsearch judge eval --json)"
+    if not isinstance(data, dict):
+        raise FlipsearchError(f"{path}: expected a JSON object of judge metrics {expected}")
     measured = data.get("label")
-    if measured is not None and measured != label:
+    if measured is None:
         raise FlipsearchError(
-            f"{path}: metrics measured for the {measured!r} label; correcting these rates needs "
-            f"the {label!r} label (flipsearch judge eval --label {label} --json FILE)"
+            f"{path}: the metrics do not say which label they measured ('label'); write them "
+            f"with flipsearch judge eval --label {label} --json FILE"
         )
-    for name, value in metrics.items():
-        if value != value:
-            raise FlipsearchError(
-                f"{path}: the judge's {name} was not measured (NaN: the labelled set has no "
-                "row of one class); rates cannot be corrected with it"
-            )
+    if measured != label:
+        raise FlipsearchError(
+            f"{path}: metrics measured for the {measured!r} label; correcting the {role} "
+            f"judge's rates needs the {label!r} label "
+            f"(flipsearch judge eval --label {label} --json FILE)"
+        )
+    metrics = {name: _share(data, name, path) for name in ("sensitivity", "specificity")}
     confusion = data.get("confusion")
     if isinstance(confusion, dict):  # the labelled set's size: the metrics' own uncertainty
         try:
@@ -360,3 +365,20 @@ def read_judge_metrics(path: str | Path, label: str = "unsafe") -> dict[str, flo
         except (KeyError, TypeError, ValueError) as exc:
             raise FlipsearchError(f"{path}: 'confusion' needs tp, fp, fn and tn counts") from exc
     return metrics
+
+
+def _share(data: dict[str, Any], name: str, path: Path) -> float:
+    value = data.get(name)
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        raise FlipsearchError(
+            f"{path}: expected judge metrics with sensitivity and specificity "
+            f"(from flipsearch judge eval --json); {name!r} is {value!r}"
+        )
+    if value != value:
+        raise FlipsearchError(
+            f"{path}: the judge's {name} was not measured (NaN: the labelled set has no "
+            "row of one class); rates cannot be corrected with it"
+        )
+    if not 0 <= value <= 1:
+        raise FlipsearchError(f"{path}: the judge's {name} must be a share in [0, 1], got {value}")
+    return float(value)

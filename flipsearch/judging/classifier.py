@@ -23,6 +23,7 @@ from filelock import FileLock
 
 from flipsearch._resources import data_path
 from flipsearch.errors import FlipsearchError
+from flipsearch.io import prepare_out_dir
 from flipsearch.judging._base import Verdict
 from flipsearch.judging.agreement import (
     LabelledRow,
@@ -97,8 +98,7 @@ def train_classifier(
     pipeline = build_pipeline(seed)
     inputs = classifier_inputs([r.response for r in labelled], cues=True)
     pipeline.fit(inputs, [bool(getattr(r, label)) for r in labelled])
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out_dir(Path(out), "classifier directory")
     sio.dump(pipeline, out / "pipeline.skops")
     meta = {
         "label": label,
