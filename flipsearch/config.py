@@ -233,7 +233,7 @@ class TrainingConfig:
 
 # The settings outside the sections: their defaults are ``RunConfig.__init__``'s.
 TOP_LEVEL: dict[str, dict[str, Any]] = {
-    "out": option("Run directory; re-running with the same one resumes."),
+    "out": option("Run directory; re-running with the same one (and the same settings) resumes."),
     "model": option("Model alias (smollm2-135m), local directory or hub id."),
     "prompts": option(
         "Prompt file (JSONL/CSV/Parquet), builtin:NAME or hf:NAME; repeatable. "

@@ -49,6 +49,7 @@ from flipsearch.search import (
     open_study,
     recover_stale_trials,
     redacted_url,
+    register_worker,
     requeue,
     seeding_unfinished,
     study_exists,
@@ -616,6 +617,7 @@ def _search(
         unseeded = created or seeding_unfinished(study)
     if unseeded:
         enqueue_seeds(study, order)
+    register_worker(study)
     recovered = recover_stale_trials(study, storage)
     if recovered:
         progress.console.print(

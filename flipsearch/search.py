@@ -266,6 +266,11 @@ def study_exists(storage: Any, name: str) -> bool:
     return any(s.study_name == name for s in storage.get_all_studies())
 
 
+def register_worker(study: optuna.Study) -> None:
+    """Name this process among the study's workers (``recover_stale_trials`` reads the list)."""
+    study.set_user_attr(f"worker:{socket.gethostname()}:{os.getpid()}", time.time())
+
+
 def recover_stale_trials(study: optuna.Study, storage: Any) -> int:
     """Put trials left RUNNING by a killed worker of this machine back in the queue.
 
@@ -273,24 +278,34 @@ def recover_stale_trials(study: optuna.Study, storage: Any) -> int:
     (its number, its context, its parameters) goes back to WAITING. Optuna hands out waiting
     trials lowest number first, so it is the next one to run, and its cached answers are reused:
     a killed and resumed run has the same trials, in the same order, as an uninterrupted one.
-    A trial killed before it recorded its worker is taken back once it is a minute old.
+    A trial killed before it recorded its worker (between Optuna's ask and the objective) is
+    taken back when every other worker the study has known ran here and is gone, else once it
+    is a minute old.
     """
-    host = socket.gethostname()
+    host, me = socket.gethostname(), f"{socket.gethostname()}:{os.getpid()}"
+    others = [k.removeprefix("worker:") for k in study.user_attrs if k.startswith("worker:")]
+    alone = all(_gone(w, host) for w in others if w != me)
     recovered = 0
     study_id = storage.get_study_id_from_name(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = str(trial.user_attrs.get("worker", ""))
-        worker_host, _, pid = worker.rpartition(":")
         if not worker:
             started = trial.datetime_start
-            if started is None or (datetime.now() - started).total_seconds() < 60:
+            young = started is None or (datetime.now() - started).total_seconds() < 60
+            if young and not alone:
                 continue
-        elif worker_host != host or not pid.isdigit() or _alive(int(pid)):
+        elif not _gone(worker, host):
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         storage.set_trial_state_values(trial_id, TrialState.WAITING)
         recovered += 1
     return recovered
+
+
+def _gone(worker: str, host: str) -> bool:
+    """A ``host:pid`` worker of this machine whose process no longer exists."""
+    worker_host, _, pid = worker.rpartition(":")
+    return worker_host == host and pid.isdigit() and not _alive(int(pid))
 
 
 class TrialInterrupted(BaseException):

@@ -331,3 +331,25 @@ def test_a_pruned_trial_reports_its_running_mean_last(tiny_model, tmp_path):
         assert last == len(HARMFUL)  # past the search split's indices 0..n-1
         row = rows[trial.user_attrs["row"]["context"]]
         assert trial.intermediate_values[last] == pytest.approx(row["flip_rate"])
+
+
+def test_a_trial_killed_before_it_named_its_worker_is_taken_back(tmp_path):
+    """Between Optuna's ask (RUNNING) and the objective recording its worker there is a window;
+    a trial killed there goes back to the queue when no other worker may own it."""
+    import socket
+
+    from flipsearch.search import open_storage, recover_stale_trials
+
+    storage = open_storage(None, tmp_path)
+    dead = f"worker:{socket.gethostname()}:999999999"
+    for name, workers, taken_back in (("alone", [dead], 1), ("shared", [dead, "worker:far:1"], 0)):
+        study = optuna.create_study(storage=storage, study_name=name)
+        for worker in workers:
+            study.set_user_attr(worker, 0.0)
+        study.enqueue_trial({}, user_attrs={"seed_id": "a"})
+        orphan = study.ask()  # RUNNING, no worker recorded: its process was killed right here
+        # A live worker on another machine might own it: left alone (for a minute).
+        assert recover_stale_trials(study, storage) == taken_back
+        if taken_back:
+            again = optuna.load_study(study_name=name, storage=storage).ask()
+            assert again.number == orphan.number and again.user_attrs["seed_id"] == "a"
