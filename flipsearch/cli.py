@@ -337,21 +337,23 @@ def contexts_list(
 
 
 def _summarise(result: RunResult) -> None:
-    table = Table(title="leaderboard (search split; top 10)")
+    table = Table(title="leaderboard (search split; top 10)", caption="(p): pruned")
     records = result.leaderboard.head(10).to_dict(orient="records")
-    # Ids stay whole (up to 40 characters), so the top rows can be told apart at 80 columns;
-    # the rates wrap instead.
-    longest = max((len(str(r["context"])) + 9 for r in records), default=10)
+    # Ids stay whole (up to 30 characters; longer ones fold onto a second line), so the top
+    # rows can be told apart at 80 columns, and every column still fits; the rates wrap.
+    context = min(max((len(str(r["context"])) + 4 for r in records), default=10), 30)
+    # What is left after the ids, the rank column, borders and padding, shared by the rates.
+    rates = max(10, (out_console.width - context - 20) // 3)
     table.add_column("#", no_wrap=True)
-    table.add_column("context", min_width=min(longest, 40), overflow="fold")
+    table.add_column("context", min_width=context, overflow="fold")
     for column in ("flip rate [95% CI]", "benign refusal", "held-out flip rate"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, overflow="fold", max_width=rates)
     for record in records:
         row = {str(k): v for k, v in record.items()}
         benign = _cell(row, "benign_refusal", "benign_refusal_count", "benign_refusal_n")
         if row.get("feasible") is not None and not row["feasible"]:  # None: not measured
             benign += " over limit"
-        pruned = " (pruned)" if row.get("state") == "pruned" else ""
+        pruned = " (p)" if row.get("state") == "pruned" else ""
         table.add_row(
             str(row["rank"]),
             str(row["context"]) + pruned,

@@ -93,12 +93,12 @@ def test_the_leaderboard_keeps_context_ids_whole_at_80_columns(monkeypatch):
     from flipsearch.evaluate import StudentBaseline
     from flipsearch.run import RunResult
 
-    ids = ["refusal-prefix-apology-long-variant", "refusal-prefix-apology-long-variant-b"]
+    ids = ["refusal-no-exact-sentence", "refusal-no-exact-sentence-b"]
     rows = [
         {
             "rank": i + 1,
             "context": context,
-            "state": "complete",
+            "state": "pruned" if i else "complete",
             "flip_rate": 0.6875,
             "flip_rate_count": 11,
             "flip_rate_n": 16,
@@ -128,6 +128,9 @@ def test_the_leaderboard_keeps_context_ids_whole_at_80_columns(monkeypatch):
     cli._summarise(result)
     text = buffer.getvalue()
     assert all(line and len(line) <= 80 for line in text.splitlines() if line.strip())
+    borders = [line for line in text.splitlines() if line.startswith(("│", "┃", "┏", "└"))]
+    assert borders and all(line.rstrip()[-1] in "│┃┓┘" for line in borders)  # no column cut
+    assert "held-out" in text
     for context in ids:
-        assert context in text  # whole, on one line
+        assert context in text.replace("│\n│", "")  # whole (a long id may fold in its cell)
     assert "nothing came from the cache" in text
