@@ -286,7 +286,6 @@ def recover_stale_trials(study: optuna.Study, storage: Any) -> int:
     others = [k.removeprefix("worker:") for k in study.user_attrs if k.startswith("worker:")]
     alone = all(_gone(w, host) for w in others if w != me)
     recovered = 0
-    study_id = storage.get_study_id_from_name(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = str(trial.user_attrs.get("worker", ""))
         if not worker:
@@ -296,8 +295,7 @@ def recover_stale_trials(study: optuna.Study, storage: Any) -> int:
                 continue
         elif not _gone(worker, host):
             continue
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        storage.set_trial_state_values(trial_id, TrialState.WAITING)
+        requeue(study, storage, trial.number)
         recovered += 1
     return recovered
 
