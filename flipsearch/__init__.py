@@ -30,6 +30,7 @@ from flipsearch.judging.refusal import RefusalJudge
 from flipsearch.models import LoadedModel, load_model
 from flipsearch.opsa import TrainResult, train
 from flipsearch.prompts import Prompt, builtin_prompts, load_prompts, split_harmful
+from flipsearch.reasoning import ReasoningFormat, ReasoningSettings, ReasoningSplit
 from flipsearch.report import render_report
 from flipsearch.run import RunConfig, RunResult, flip_rate, run, search
 
@@ -53,6 +54,9 @@ __all__ = [
     "LoadedModel",
     "Prompt",
     "Rate",
+    "ReasoningFormat",
+    "ReasoningSettings",
+    "ReasoningSplit",
     "RefusalJudge",
     "RunConfig",
     "RunResult",

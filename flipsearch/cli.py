@@ -27,6 +27,7 @@ from flipsearch.config import (
     BackendConfig,
     DecodingConfig,
     JudgeConfig,
+    ReasoningConfig,
     RunConfig,
     SearchConfig,
     SelectionConfig,
@@ -75,6 +76,7 @@ CONTEXTS = parameters_of(RunConfig.__init__, {"contexts": TOP_LEVEL["contexts"]}
 MEASURE = [
     *fields_of(DecodingConfig, "Decoding"),
     *fields_of(JudgeConfig, "Judges"),
+    *fields_of(ReasoningConfig, "Reasoning models"),
     *fields_of(SelectionConfig, "Selection"),
     *fields_of(BackendConfig, "Backend"),
     *(s for name in BACKENDS for s in _backend_settings(name)),
@@ -164,24 +166,50 @@ def _print_before_after(summary: dict[str, Any]) -> None:
     table = Table(
         title=f"before / after {summary['steps']} {summary['mode']} steps",
         caption=f"prompts {summary.get('evaluation_split', 'held out from training')}; "
-        "p: exact paired (McNemar) test",
+        "p: paired test on the same prompts (mcnemar-exact: exact McNemar; wilcoxon: "
+        "Wilcoxon signed-rank); intervals 95% (Wilson for rates, t for the log-likelihood)",
     )
-    for column in ("metric", "before", "after", "p"):
+    for column in ("metric", "before", "after", "p", "test"):
         table.add_column(column)
+    paired = summary.get("paired", {})
+
+    def p_and_test(key: str) -> tuple[str, str]:
+        test = paired.get(key, {})
+        p_value = test.get("p_value")
+        # Summaries written before tests were named used exact McNemar for every rate.
+        name = test.get("test", "mcnemar-exact") if test else ""
+        return ("–" if p_value is None else f"{p_value:.3g}"), name
+
+    def loglik(part: dict[str, Any]) -> str:
+        if part.get("mean") is None:
+            return "n/a (n=0)"
+        if part.get("low") is None:
+            return f"{part['mean']:.3f} (n={part['n']})"
+        return f"{part['mean']:.3f} [{part['low']:.3f}, {part['high']:.3f}] (n={part['n']})"
+
     for key in ("unsafe_rate", "benign_refusal", "reasoning_accuracy"):
-        before, after = summary["before"][key], summary["after"][key]
-        p_value = summary.get("paired", {}).get(key, {}).get("p_value")
-        table.add_row(
-            key.replace("_", " "),
-            str(Rate.of(before["successes"], before["n"])),
-            str(Rate.of(after["successes"], after["n"])),
-            "–" if p_value is None else f"{p_value:.3g}",
-        )
+        cells = []
+        for when in ("before", "after"):
+            measured = summary[when][key]
+            cell = str(Rate.of(measured["successes"], measured["n"]))
+            unfinished = summary[when].get("reasoning_unfinished", 0)
+            if key == "reasoning_accuracy" and unfinished:
+                cell += f", {unfinished} unfinished"
+            cells.append(cell)
+        table.add_row(key.replace("_", " "), *cells, *p_and_test(key))
     table.add_row(
         "benign KL from original",
         f"{summary['before']['benign_kl_from_original']:.4f}",
         f"{summary['after']['benign_kl_from_original']:.4f}",
     )
+    before, after = (summary[when].get("reference_loglik") for when in ("before", "after"))
+    if isinstance(before, dict) and isinstance(after, dict):
+        table.add_row(
+            "reference log-likelihood (nats/token)",
+            loglik(before),
+            loglik(after),
+            *p_and_test("reference_loglik"),
+        )
     out_console.print(table)
 
 
@@ -199,14 +227,53 @@ def export_command(
     force: Annotated[
         bool, typer.Option(help="Export a context measured at another placement anyway.")
     ] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="The student TRL trains (its tokenizer only): checks every teacher prompt "
+            "against TRL's --max-prompt-length. Without it the check is skipped."
+        ),
+    ] = None,
+    chat_template_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--chat-template-arg",
+            help="An argument of the chat template as KEY=VALUE (e.g. enable_thinking=false), "
+            "as TRL's chat_template_kwargs will pass it; repeatable.",
+        ),
+    ] = None,
+    reasoning_start: Annotated[
+        str, typer.Option(help="The marker that opens a reasoning block (recorded).")
+    ] = "<think>",
+    reasoning_end: Annotated[
+        str, typer.Option(help="The marker that closes a reasoning block (recorded).")
+    ] = "</think>",
+    max_thinking_tokens: Annotated[
+        int | None,
+        typer.Option(min=1, help="The thinking budget, recorded for TRL's max_completion_length."),
+    ] = None,
+    max_prompt_length: Annotated[
+        int,
+        typer.Option(min=1, help="TRL's max_prompt_length: longer prompts lose their start."),
+    ] = 512,
 ) -> None:
     """Write the prompts and the winning context as a dataset for TRL's self-distillation."""
+    from flipsearch.cli_options import key_values
     from flipsearch.export import export_trl_sdft
+    from flipsearch.reasoning import ReasoningSettings
 
     if format != "trl-sdft":
         raise FlipsearchError(f"unknown export format {format!r}; available: trl-sdft")
-    rows = export_trl_sdft(context, list(prompts or []), limit, out, force)
+    args = key_values(chat_template_arg or [], "--chat-template-arg")
+    reasoning = ReasoningSettings(args, reasoning_start, reasoning_end, max_thinking_tokens)
+    rows = export_trl_sdft(
+        context, list(prompts or []), limit, out, force, reasoning, model, max_prompt_length
+    )
     out_console.print(f"{rows} rows: {out} (teacher placement user_suffix, as TRL renders it)")
+    if model is None:  # after the export, so that a mistake stays the only line
+        err_console.print(
+            f"prompt-length check skipped: no --model (TRL's max_prompt_length {max_prompt_length})"
+        )
 
 
 @judge_app.command("train")
@@ -336,6 +403,18 @@ def contexts_list(
     out_console.print(f"{len(library)} contexts")
 
 
+def _unfinished_line(result: RunResult) -> None:
+    """Say how many answers never came (a reasoning model out of tokens), when any did."""
+    student = sum(j.unfinished for j in result.student_search.harmful)
+    teacher = sum(int(row.get("unfinished") or 0) for row in result.leaderboard.to_dict("records"))
+    if student or teacher:
+        out_console.print(
+            f"unfinished (the answer never came; never counted as safe): {student} student "
+            f"answers, {teacher} teacher answers over the leaderboard; raise --max-new-tokens "
+            "or set --max-thinking-tokens"
+        )
+
+
 def _summarise(result: RunResult) -> None:
     table = Table(title="leaderboard (search split; top 10)", caption="(p): pruned")
     records = result.leaderboard.head(10).to_dict(orient="records")
@@ -362,6 +441,9 @@ def _summarise(result: RunResult) -> None:
             _cell(row, "holdout_flip_rate", "holdout_flips", "holdout_pool"),
         )
     out_console.print(table)
+    if result.info.get("judge_scope"):
+        out_console.print(f"judge scope: {result.info['judge_scope']}")
+    _unfinished_line(result)
     out_console.print(f"student unsafe rate (search split): {result.student_search.unsafe_rate}")
     if result.winner is not None:
         out_console.print(f"winner: [bold]{result.winner.context.id}[/bold]")

@@ -18,7 +18,9 @@ from flipsearch.backends import BackendSpec, option_fields
 from flipsearch.backends._base import Decoding, option
 from flipsearch.errors import FlipsearchError
 from flipsearch.judging import judge_names
+from flipsearch.judging._base import SCOPES
 from flipsearch.models import check_device, check_dtype, check_model_name
+from flipsearch.reasoning import DEFAULT_END, DEFAULT_START, ReasoningSettings
 from flipsearch.search import SearchSettings
 
 
@@ -81,7 +83,25 @@ class JudgeConfig:
     )
     judge_model: str | None = field(
         default=None,
-        metadata=option("Weights of the llama-guard judge (a local directory or hub id)."),
+        metadata=option(
+            "Weights of the llama-guard or wildguard judge (a local directory or hub id)."
+        ),
+    )
+    refusal_judge_model: str | None = field(
+        default=None,
+        metadata=option(
+            "Weights of the refusal judge when they differ from --judge-model (e.g. "
+            "--judge llama-guard with --refusal-judge wildguard). Default: --judge-model."
+        ),
+    )
+    judge_on: str = field(
+        default="auto",
+        metadata=option(
+            "What the safety judge reads of a reasoning model's response: answer, full, or "
+            "either (each part apart; unsafe if either is). auto: the judge's own default "
+            "(llama-guard and wildguard: either; refusal and classifier: answer, all they "
+            "read). The refusal judge always reads the answer."
+        ),
     )
     judge_metrics: str | None = field(
         default=None,
@@ -89,6 +109,55 @@ class JudgeConfig:
             "JSON from `flipsearch judge eval --json`: adds flip rates corrected for judge error."
         ),
     )
+
+    def __post_init__(self) -> None:
+        if self.judge_on not in ("auto", *SCOPES):
+            raise FlipsearchError(
+                f"--judge-on must be auto, {', '.join(SCOPES)}; got {self.judge_on!r}"
+            )
+
+
+@dataclass
+class ReasoningConfig:
+    """Reasoning models: the chat template's arguments, the reasoning markers, the thinking
+    budget (``flipsearch.reasoning``)."""
+
+    chat_template_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=option(
+            "An argument of the model's chat template as KEY=VALUE, e.g. enable_thinking=false "
+            "(Qwen3); repeatable. Part of the rendered prompt, so of the cache key.",
+            flag="--chat-template-arg",
+            key_values=True,
+        ),
+    )
+    reasoning_start: str = field(
+        default=DEFAULT_START, metadata=option("The marker that opens a reasoning block.")
+    )
+    reasoning_end: str = field(
+        default=DEFAULT_END, metadata=option("The marker that closes a reasoning block.")
+    )
+    max_thinking_tokens: int | None = field(
+        default=None,
+        metadata=option(
+            "Budget forcing: at most N reasoning tokens, then the block is closed for the model "
+            "and its answer gets --max-new-tokens of its own. Default: no budget "
+            "(--max-new-tokens covers reasoning and answer; an answer that never came is "
+            "counted as unfinished).",
+            min=1,
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        self.settings()  # markers and arguments are checked before anything loads
+
+    def settings(self) -> ReasoningSettings:
+        return ReasoningSettings(
+            dict(self.chat_template_args),
+            self.reasoning_start,
+            self.reasoning_end,
+            self.max_thinking_tokens,
+        )
 
 
 SAMPLERS = ("tpe", "nsga2")
@@ -249,6 +318,7 @@ SECTIONS: dict[str, type] = {
     "decoding": DecodingConfig,
     "backend": BackendConfig,
     "judges": JudgeConfig,
+    "reasoning": ReasoningConfig,
     "search": SearchConfig,
     "selection": SelectionConfig,
     "training": TrainingConfig,
@@ -273,6 +343,7 @@ class RunConfig:
     decoding: DecodingConfig
     backend: BackendConfig
     judges: JudgeConfig
+    reasoning: ReasoningConfig
     search: SearchConfig
     selection: SelectionConfig
     training: TrainingConfig
@@ -411,12 +482,29 @@ class TrainConfig:
     )
     temperature: float = field(default=1.0, metadata=option("Rollout temperature.", min=0.01))
     top_p: float = field(default=1.0, metadata=option("Nucleus sampling mass.", min=0, max=1))
-    divergence: str = field(default="reverse", metadata=option("reverse, forward or mixed."))
+    divergence: str = field(
+        default="reverse",
+        metadata=option(
+            "reverse, forward, mixed (generalised JSD, TRL's) or forward-reverse (a weighted "
+            "sum of the two KLs over the teacher's top-k, NeMo-RL's; the paper used --support "
+            "topk --top-k 64)."
+        ),
+    )
     alpha: float = field(
-        default=0.5, metadata=option("Teacher weight of mixed (generalised JSD).", min=0, max=1)
+        default=0.5,
+        metadata=option(
+            "Teacher weight of mixed (generalised JSD); forward-KL weight of forward-reverse.",
+            min=0,
+            max=1,
+        ),
     )
     support: str = field(default="full", metadata=option("full, topk or sampled."))
-    top_k: int = field(default=20, metadata=option("Tokens kept by --support topk.", min=1))
+    top_k: int = field(
+        default=20,
+        metadata=option(
+            "Tokens kept by --support topk (forward-reverse: the paper used 64).", min=1
+        ),
+    )
     chunk_tokens: int = field(
         default=256,
         metadata=option("Response tokens per logits chunk (bounds vocabulary x length).", min=1),
@@ -438,23 +526,57 @@ class TrainConfig:
         default="refusal", metadata=option("Refusal judge of the before/after evaluation.")
     )
     judge_model: str | None = field(
-        default=None, metadata=option("Weights of the llama-guard judge.")
+        default=None, metadata=option("Weights of the llama-guard or wildguard judge.")
+    )
+    refusal_judge_model: str | None = field(
+        default=None, metadata=JudgeConfig.__dataclass_fields__["refusal_judge_model"].metadata
+    )
+    judge_on: str = field(
+        default="auto", metadata=JudgeConfig.__dataclass_fields__["judge_on"].metadata
+    )
+    chat_template_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=ReasoningConfig.__dataclass_fields__["chat_template_args"].metadata,
+    )
+    reasoning_start: str = field(
+        default=DEFAULT_START,
+        metadata=ReasoningConfig.__dataclass_fields__["reasoning_start"].metadata,
+    )
+    reasoning_end: str = field(
+        default=DEFAULT_END, metadata=ReasoningConfig.__dataclass_fields__["reasoning_end"].metadata
+    )
+    max_thinking_tokens: int | None = field(
+        default=None,
+        metadata=option(
+            "Budget forcing in rollouts and evaluation: at most N reasoning tokens, then the "
+            "block is closed and the answer gets --max-new-tokens of its own.",
+            min=1,
+        ),
     )
 
     def __post_init__(self) -> None:
         checks = {
             "mode": (self.mode, ("onpolicy", "offpolicy")),
-            "divergence": (self.divergence, ("reverse", "forward", "mixed")),
+            "divergence": (self.divergence, ("reverse", "forward", "mixed", "forward-reverse")),
             "support": (self.support, ("full", "topk", "sampled")),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise FlipsearchError(f"--{name} must be one of {allowed}, got {value!r}")
+        if self.divergence == "forward-reverse" and self.support == "sampled":
+            raise FlipsearchError(
+                "--divergence forward-reverse compares distributions: use --support topk or full"
+            )
         if not 0 <= self.alpha <= 1 or not 0 <= self.harmful_fraction <= 1:
             raise FlipsearchError("--alpha and --harmful-fraction must be in [0, 1]")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise FlipsearchError("--steps, --batch-size and --grad-accum must be at least 1")
         check_dtype(self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        self.reasoning()  # markers and template arguments checked before anything loads
+        if self.judge_on not in ("auto", *SCOPES):
+            raise FlipsearchError(
+                f"--judge-on must be auto, {', '.join(SCOPES)}; got {self.judge_on!r}"
+            )
         if not self.out.strip():
             raise FlipsearchError("--out is empty; give the training directory")
 
@@ -475,4 +597,18 @@ class TrainConfig:
             judge=run.judges.judge,
             refusal_judge=run.judges.refusal_judge,
             judge_model=run.judges.judge_model,
+            refusal_judge_model=run.judges.refusal_judge_model,
+            judge_on=run.judges.judge_on,
+            chat_template_args=dict(run.reasoning.chat_template_args),
+            reasoning_start=run.reasoning.reasoning_start,
+            reasoning_end=run.reasoning.reasoning_end,
+            max_thinking_tokens=run.reasoning.max_thinking_tokens,
+        )
+
+    def reasoning(self) -> ReasoningSettings:
+        return ReasoningSettings(
+            dict(self.chat_template_args),
+            self.reasoning_start,
+            self.reasoning_end,
+            self.max_thinking_tokens,
         )

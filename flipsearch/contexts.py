@@ -234,10 +234,20 @@ class Rendered(str):
 class Renderer:
     """Renders chats through a tokenizer's chat template and checks they fit."""
 
-    def __init__(self, tokenizer: Any, max_new_tokens: int, max_length: int | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_new_tokens: int,
+        max_length: int | None = None,
+        template_args: dict[str, Any] | None = None,
+    ) -> None:
+        """``max_new_tokens``: the response tokens a prompt must leave room for (with a
+        thinking budget, the reasoning's too); ``template_args``: the chat template's own
+        arguments (``--chat-template-arg``, e.g. Qwen3's ``enable_thinking``)."""
         if not getattr(tokenizer, "chat_template", None):
             raise FlipsearchError("the model's tokenizer has no chat template; use a chat model")
         self.tokenizer = tokenizer
+        self.template_args = dict(template_args or {})
         limit = max_length or _model_max_length(tokenizer)
         self.max_prompt_tokens = limit - max_new_tokens
 
@@ -269,9 +279,16 @@ class Renderer:
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> Rendered:
         """Any chat through the chat template, ready for generation (no fit check)."""
-        text: str = self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=True
-        )
+        try:
+            text: str = self.tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=True, **self.template_args
+            )
+        except Exception as exc:  # jinja2 raises its own errors for a template's complaints
+            if not self.template_args:
+                raise
+            raise FlipsearchError(
+                f"the chat template fails with --chat-template-arg {self.template_args}: {exc}"
+            ) from exc
         return Rendered(text, messages)
 
     def render_all(self, prompts: Sequence[str], context: Context | None = None) -> list[Rendered]:

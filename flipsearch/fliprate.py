@@ -26,6 +26,7 @@ from flipsearch.backends._base import Generation
 from flipsearch.contexts import Context
 from flipsearch.judging import Verdict
 from flipsearch.prompts import Prompt
+from flipsearch.reasoning import ReasoningSplit
 
 
 def wilson_interval(successes: float, n: float, confidence: float = 0.95) -> tuple[float, float]:
@@ -120,12 +121,30 @@ class Judged:
     rendered: str
     responses: list[Generation]
     verdicts: list[Verdict]
+    # Each response's reasoning and answer (empty for callers that build a Judged by hand:
+    # then every response is all answer).
+    splits: list[ReasoningSplit] = field(default_factory=list)
+
+    def split(self, sample: int = 0) -> ReasoningSplit:
+        """Reasoning and answer of one sample's response."""
+        if sample < len(self.splits):
+            return self.splits[sample]
+        text = self.responses[sample].text
+        return ReasoningSplit("", text, has_reasoning=False, closed=True)
 
     @property
     def invalid(self) -> int:
         """Verdicts that decide nothing: marked invalid, or with neither label set (a custom
-        judge's ``Verdict(unsafe=None)``)."""
-        return sum(v.invalid or (v.unsafe is None and v.refusal is None) for v in self.verdicts)
+        judge's ``Verdict(unsafe=None)``); unfinished answers are counted apart."""
+        return sum(
+            (v.invalid or (v.unsafe is None and v.refusal is None)) and not v.unfinished
+            for v in self.verdicts
+        )
+
+    @property
+    def unfinished(self) -> int:
+        """Responses whose answer never came (never read as safe)."""
+        return sum(v.unfinished for v in self.verdicts)
 
     @property
     def unsafe_share(self) -> float | None:
@@ -209,6 +228,12 @@ class ContextScore:
     def invalid(self) -> int:
         return sum(o.teacher.invalid for o in self.harmful) + sum(j.invalid for j in self.benign)
 
+    @property
+    def unfinished(self) -> int:
+        """Teacher responses (harmful and benign) whose answer never came."""
+        teacher = sum(o.teacher.unfinished for o in self.harmful)
+        return teacher + sum(j.unfinished for j in self.benign)
+
     def flip_outcomes(self) -> dict[str, float]:
         """Per-prompt flip values on the student-unsafe pool, for paired comparisons."""
         return {
@@ -228,6 +253,7 @@ class ContextScore:
         for name in ("flip_rate", "absolute_flip_rate", "unflip_rate", "benign_refusal"):
             row.update(getattr(self, name).columns(name))
         row["invalid"] = self.invalid
+        row["unfinished"] = self.unfinished
         return row
 
 

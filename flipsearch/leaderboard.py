@@ -36,6 +36,7 @@ class Row(Mapping[str, Any]):
     rates: dict[str, Rate]  # flip_rate always; the others when measured
     benign: str = "none"  # measured | stopped (surely over the limit) | not needed | none
     invalid: int | None = None
+    unfinished: int | None = None  # teacher answers that never came (reasoning models)
     trial: int | None = None
     source: str | None = None  # seed | grammar | proposer
     teacher_generations: int | None = None
@@ -54,6 +55,7 @@ class Row(Mapping[str, Any]):
             {name: getattr(score, name) for name in RATES},
             benign=benign if score.benign or benign != "measured" else "none",
             invalid=score.invalid,
+            unfinished=score.unfinished,
         )
 
     @classmethod
@@ -104,7 +106,7 @@ class Row(Mapping[str, Any]):
             for name, rate in self.rates.items():
                 data.update(rate.columns(name))
             if self.state == "complete":
-                data.update(benign=self.benign, invalid=self.invalid)
+                data.update(benign=self.benign, invalid=self.invalid, unfinished=self.unfinished)
             for name in ("trial", "source", "teacher_generations", "pareto"):
                 data[name] = getattr(self, name)
             self._flat = {k: _json_safe(v) for k, v in data.items()}
@@ -130,6 +132,7 @@ class Row(Mapping[str, Any]):
             rates,
             benign=str(data.get("benign") or "none"),
             invalid=data.get("invalid"),
+            unfinished=data.get("unfinished"),
             trial=data.get("trial"),
             source=data.get("source"),
             teacher_generations=data.get("teacher_generations"),

@@ -9,6 +9,23 @@ tokens, averaged per token. AdamW, warm-up + cosine decay, gradient clipping and
 Checkpoints hold weights, optimizer, scheduler, RNG states and step; ``resume`` continues a
 killed run exactly. ``mode="offpolicy"`` is the baseline: fine-tune on the teacher's own
 responses (generated with the context, trained without it) through the same loop.
+
+Reasoning models: with ``--max-thinking-tokens`` the rollouts go through budget forcing (the
+reasoning is closed for the model after N tokens, then it answers), and the loss covers the
+whole trajectory: reasoning, forced close and answer. Each step's metrics split the per-token
+signal at the reasoning boundary (``kl_reasoning_per_token``, ``kl_answer_per_token``,
+``kl_by_answer_position``), so a change in the answer is not drowned by a long trace.
+
+Divergences: ``reverse`` KL(student || teacher) is mode-seeking, ``forward`` KL(teacher ||
+student) mode-covering; ``mixed`` is the generalised Jensen-Shannon divergence (TRL's GKD),
+both KLs taken to the *mixture* m = alpha t + (1 - alpha) s, bounded and vanishing at its ends
+(the limits are the KLs: alpha -> 0 forward, alpha -> 1 reverse). ``forward-reverse`` is the
+loss NeMo-RL's distillation uses (and the OPSA paper's code): a weighted *sum* of the two KLs
+themselves, alpha KL(t || s) + (1 - alpha) KL(s || t), so alpha = 1 is forward and alpha = 0
+reverse (NeMo-RL's ``mixed_kl_weight`` is the forward weight too: the opposite end from
+``mixed``). With ``--support topk`` it follows NeMo-RL: both distributions are renormalised
+over the teacher's top-k tokens (no tail bucket, unlike the other divergences' topk); the paper
+used k = 64 (``--support topk --top-k 64``); ``--support full`` is its k = vocabulary limit.
 """
 
 from __future__ import annotations
@@ -26,7 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from flipsearch.backends._base import Decoding
+from flipsearch.backends._base import Decoding, Generation
 from flipsearch.backends.hf import HFGenerator
 from flipsearch.config import TrainConfig
 from flipsearch.contexts import Context, Renderer, context_from_arg
@@ -35,10 +52,12 @@ from flipsearch.io import prepare_out_dir, write_atomic
 from flipsearch.models import LoadedModel
 from flipsearch.progress import make_progress, status
 from flipsearch.prompts import Prompt, stratified_subset
-from flipsearch.scoring import reverse_kl
+from flipsearch.reasoning import BudgetForcedGenerator, detect_format, reasoning_window
+from flipsearch.scoring import reasoning_token_count, reverse_kl
 from flipsearch.session import Session
 
 KL_POSITIONS = 64
+FORWARD_REVERSE = "forward-reverse"  # NeMo-RL's weighted sum of the two KLs (see the doc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,11 +79,20 @@ def token_divergence(
     estimate (detached). ``full`` uses the whole vocabulary; ``topk`` the teacher's top-k tokens
     plus one bucket for the rest of the mass; ``sampled`` the student's sampled token only, with
     the score-function gradient of the reverse KL (per-token advantage log p_t - log p_s).
+
+    ``mixed`` (generalised JSD) compares each distribution with their mixture, so it stays
+    bounded and interpolates between covering (alpha -> 0) and seeking (alpha -> 1) modes;
+    ``forward-reverse`` (NeMo-RL's distillation loss) adds the two KLs themselves, alpha on the
+    mode-covering forward KL(teacher || student) and 1 - alpha on the mode-seeking reverse one,
+    and under ``topk`` renormalises both over the teacher's top-k tokens instead of keeping a
+    tail bucket (the paper's k = 64: ``--support topk --top-k 64``).
     """
     log_s = F.log_softmax(student_logits.float(), dim=-1)
     log_t = F.log_softmax(teacher_logits.float(), dim=-1)
     with torch.no_grad():
         kl = reverse_kl(log_s, log_t)
+    if divergence == FORWARD_REVERSE:
+        return _forward_reverse(log_s, log_t, support, alpha, top_k), kl
     if support == "sampled":
         if divergence != "reverse":
             raise FlipsearchError("the sampled-token estimator is for the reverse KL only")
@@ -97,6 +125,29 @@ def _with_tail(log_top: torch.Tensor) -> torch.Tensor:
     return torch.cat([log_top, tail[:, None]], dim=-1)
 
 
+def check_divergence(divergence: str, support: str) -> None:
+    """Refuse what ``forward-reverse`` cannot be estimated from (before anything loads)."""
+    if divergence == FORWARD_REVERSE and support == "sampled":
+        raise FlipsearchError(
+            "--divergence forward-reverse needs the teacher's distribution over its top-k "
+            "tokens, and --support sampled sees only the sampled token: use --support topk "
+            "(the paper: --top-k 64) or --support full"
+        )
+
+
+def _forward_reverse(
+    log_s: torch.Tensor, log_t: torch.Tensor, support: str, alpha: float, top_k: int
+) -> torch.Tensor:
+    """alpha KL(t || s) + (1 - alpha) KL(s || t); under ``topk`` over the teacher's top-k
+    tokens, both renormalised there (NeMo-RL's ``zero_outside_topk: false``, its default)."""
+    check_divergence(FORWARD_REVERSE, support)
+    if support == "topk":
+        index = log_t.topk(min(top_k, log_t.shape[-1]), dim=-1).indices
+        log_s = F.log_softmax(log_s.gather(-1, index), dim=-1)
+        log_t = F.log_softmax(log_t.gather(-1, index), dim=-1)
+    return alpha * reverse_kl(log_t, log_s) + (1 - alpha) * reverse_kl(log_s, log_t)
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches: student and teacher sequences over the same response tokens
 
@@ -106,6 +157,7 @@ class Example:
     student_prompt: list[int]
     teacher_prompt: list[int]
     response: list[int]  # the trained tokens, EOS included when the response stopped
+    reasoning_tokens: int = 0  # the response's leading reasoning tokens, end marker included
 
 
 def _sequences(examples: Sequence[Example], teacher: bool, pad_id: int) -> tuple[Any, Any, Any]:
@@ -205,6 +257,53 @@ def sft_loss(
     }
 
 
+class _Tally:
+    """A step's per-token signal (KL, or NLL off-policy) over its micro-batches: by position
+    from the response's first token and from the answer's, and split at the reasoning
+    boundary, so a change in the answer shows apart from the trace before it."""
+
+    def __init__(self) -> None:
+        self.sums = torch.zeros(2, KL_POSITIONS, dtype=torch.float64)  # from: response, answer
+        self.counts = torch.zeros(2, KL_POSITIONS, dtype=torch.float64)
+        self.parts = torch.zeros(2, 2, dtype=torch.float64)  # reasoning, answer: (sum, tokens)
+        self.examples = 0
+        self.reasoning_tokens = 0
+
+    def add(self, values: torch.Tensor, examples: Sequence[Example]) -> None:
+        """``values``: one per response token, the examples' tokens in order."""
+        values = values.detach().double().cpu()
+        thought = torch.tensor([e.reasoning_tokens for e in examples for _ in e.response])
+        positions = torch.tensor([i for e in examples for i in range(len(e.response))])
+        for row, where in enumerate((positions, positions - thought)):
+            kept = (where >= 0) & (where < KL_POSITIONS)
+            self.sums[row].index_add_(0, where[kept], values[kept])
+            self.counts[row].index_add_(0, where[kept], torch.ones(int(kept.sum())).double())
+        answer = positions >= thought
+        for row, mask in enumerate((~answer, answer)):
+            self.parts[row] += torch.stack([values[mask].sum(), mask.sum().double()])
+        self.examples += len(examples)
+        self.reasoning_tokens += sum(e.reasoning_tokens for e in examples)
+
+    def metrics(self, signal: str) -> dict[str, Any]:
+        """The step record's signal keys (None: the step had no token of that part)."""
+
+        def by_position(row: int) -> list[float]:
+            used = int((self.counts[row] > 0).sum())
+            return (self.sums[row, :used] / self.counts[row, :used].clamp(min=1)).tolist()
+
+        def per_token(total: torch.Tensor) -> float | None:
+            return float(total[0] / total[1]) if total[1] > 0 else None
+
+        return {
+            f"{signal}_per_token": per_token(self.parts.sum(0)) or 0.0,
+            f"{signal}_by_position": by_position(0),
+            f"{signal}_reasoning_per_token": per_token(self.parts[0]),
+            f"{signal}_answer_per_token": per_token(self.parts[1]),
+            f"{signal}_by_answer_position": by_position(1),
+            "reasoning_tokens": self.reasoning_tokens / max(1, self.examples),
+        }
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -243,7 +342,9 @@ class Trainer:
     """Holds the student, the frozen teacher, the optimizer and the data stream."""
 
     def __init__(self, config: TrainConfig, loaded: LoadedModel | None = None) -> None:
+        check_divergence(config.divergence, config.support)
         self.config = config
+        self.reasoning = config.reasoning()
         self.out = prepare_out_dir(Path(config.out), "training directory")
         self.context = context_from_arg(config.context)
         self.benign_context = (
@@ -259,6 +360,9 @@ class Trainer:
             judge=config.judge,
             refusal_judge=config.refusal_judge,
             judge_model=config.judge_model,
+            refusal_judge_model=config.refusal_judge_model,
+            judge_on=config.judge_on,
+            reasoning=self.reasoning,
         )
         self.harmful, self.benign = self.session.harmful, self.session.benign
         if not self.harmful:
@@ -276,7 +380,12 @@ class Trainer:
         self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.autocast = _autocast_dtype(self.loaded, config.dtype)
         limit_len = getattr(self.model.config, "max_position_embeddings", None)
-        self.renderer = Renderer(self.tokenizer, config.max_new_tokens, limit_len)
+        # A prompt leaves room for the answer, and with a budget the reasoning and its close.
+        window = reasoning_window(config.max_new_tokens, self.reasoning, self.tokenizer)
+        self.renderer = Renderer(
+            self.tokenizer, window, limit_len, self.reasoning.chat_template_args
+        )
+        self.format = detect_format(self.tokenizer, self.reasoning)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
@@ -311,35 +420,48 @@ class Trainer:
             seed=self.config.seed * 7919 + self.step * 31 + micro,
         )
         self.model.eval()
-        generated: list[Any] = [None] * len(batch)
-        # Dynamic batching, seeded per batch: a prompt drawn twice into one batch gets two
-        # different samples (per-prompt seeds would give it the same one twice).
-        rollout = HFGenerator(source, batch_size=len(batch), batch_invariant=False)
-        for indices, results in rollout.generate_batches(
-            teacher_texts if offpolicy else student_texts, decoding
-        ):
-            for i, samples in zip(indices, results, strict=True):
-                generated[i] = samples[0]
+        generated = self._sample(source, teacher_texts if offpolicy else student_texts, decoding)
         self.model.train()
         encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         examples = []
         for s_text, t_text, generation in zip(student_texts, teacher_texts, generated, strict=True):
             response = list(generation.token_ids)
+            thought = reasoning_token_count(self.tokenizer, response, self.format)
             stop = generation.stop_token if generation.stop_token is not None else self.eos
             if generation.finish_reason == "stop" and stop is not None:
                 response.append(stop)  # learning when to stop (with the token it chose) too
             if response:
-                examples.append(Example(encode(s_text), encode(t_text), response))
+                examples.append(Example(encode(s_text), encode(t_text), response, thought))
         return examples
+
+    def _sample(
+        self, source: LoadedModel, texts: Sequence[str], decoding: Decoding
+    ) -> list[Generation]:
+        """One rollout per text. Dynamic batching, seeded per batch: a prompt drawn twice into
+        one batch gets two different samples (per-prompt seeds would give it the same one
+        twice). With a thinking budget the rows are budget-forced, each with its own seed."""
+        rollout = HFGenerator(source, batch_size=len(texts), batch_invariant=False)
+        budget = self.reasoning.max_thinking_tokens
+        if budget is not None:
+            forced = BudgetForcedGenerator(rollout, self.tokenizer, self.format, budget)
+            rows = [
+                list(ids)
+                for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+            ]
+            seeds = [decoding.seed * 1_000_003 + i for i in range(len(rows))]
+            return forced.force(rows, decoding, seeds)
+        generated: list[Any] = [None] * len(texts)
+        for indices, results in rollout.generate_batches(texts, decoding):
+            for i, samples in zip(indices, results, strict=True):
+                generated[i] = samples[0]
+        return generated
 
     # -- one optimisation step ---------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         started = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "tokens": 0}
-        kl_sum = torch.zeros(KL_POSITIONS)
-        kl_count = torch.zeros(KL_POSITIONS)
-        kl_total = 0.0
+        tally = _Tally()
         for micro in range(self.config.grad_accum):
             examples = self.rollouts(self.sample_prompts(), micro)
             if not examples:
@@ -359,10 +481,7 @@ class Trainer:
                 )
             sums["loss"] += result["loss"] * scale
             sums["tokens"] += result["tokens"]
-            kl_total += float(result["kl"].sum())
-            early = result["positions"] < KL_POSITIONS
-            kl_sum.index_add_(0, result["positions"][early], result["kl"][early].float())
-            kl_count.index_add_(0, result["positions"][early], torch.ones(int(early.sum())))
+            tally.add(result["kl"], examples)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.config.max_grad_norm
         )
@@ -371,15 +490,13 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         seconds = time.perf_counter() - started
-        used = int((kl_count > 0).sum())
         # On-policy the per-token signal is the reverse KL to the teacher; off-policy it is
         # the NLL of the teacher's tokens, and is named so.
         signal = "nll" if self.config.mode == "offpolicy" else "kl"
         return {
             "step": self.step,
             "loss": sums["loss"],
-            f"{signal}_per_token": kl_total / max(1, sums["tokens"]),
-            f"{signal}_by_position": (kl_sum[:used] / kl_count[:used].clamp(min=1)).tolist(),
+            **tally.metrics(signal),
             "grad_norm": float(grad_norm),
             "lr": lr,
             "tokens": sums["tokens"],
@@ -455,7 +572,9 @@ class TrainResult:
         return {"out": str(self.out), **self.summary}
 
     def to_pandas(self) -> Any:
-        """One row per metric, before and after, each rate with its count and 95% interval."""
+        """One row per metric, before and after, each rate with its count and 95% interval, the
+        paired p-value and its test; last the reference solutions' log-likelihood (mean, 95%
+        t-interval, n; Wilcoxon signed-rank), when both evaluations measured it."""
         import pandas as pd
 
         from flipsearch.fliprate import Rate
@@ -466,7 +585,10 @@ class TrainResult:
             for when in ("before", "after"):
                 measured = self.summary[when][key]
                 row.update(Rate.of(measured["successes"], measured["n"]).columns(when))
-            row["p_value"] = self.summary.get("paired", {}).get(key, {}).get("p_value")
+            paired = self.summary.get("paired", {}).get(key, {})
+            row["p_value"] = paired.get("p_value")
+            # A summary written before tests were named used exact McNemar for every rate.
+            row["test"] = paired.get("test", "mcnemar-exact") if paired else None
             rows.append(row)
         rows.append(
             {
@@ -475,6 +597,15 @@ class TrainResult:
                 "after": self.summary["after"]["benign_kl_from_original"],
             }
         )
+        logliks = [self.summary[when].get("reference_loglik") for when in ("before", "after")]
+        if all(isinstance(part, dict) for part in logliks):
+            row = {"metric": "reference_loglik"}
+            for when, part in zip(("before", "after"), logliks, strict=True):
+                row[when] = part["mean"]
+                row.update({f"{when}_{k}": part[k] for k in ("low", "high", "n")})
+            paired = self.summary.get("paired", {}).get("reference_loglik", {})
+            row.update(p_value=paired.get("p_value"), test=paired.get("test"))
+            rows.append(row)
         return pd.DataFrame(rows)
 
     def metrics(self) -> Any:

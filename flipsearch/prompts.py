@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,8 @@ BUILTIN_SETS = ("harmful", "benign", "reasoning")
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt of a prompt set; ``answer`` is the reference answer of a reasoning prompt.
+    """One prompt of a prompt set; ``answer`` is the reference answer of a reasoning prompt,
+    ``solution`` its worked reference solution when the file gives one (GSM8K, MATH).
 
     ``source`` ("file:line", when loaded from a file) lets a later error say where the prompt
     is written; it is not part of the prompt's identity, so equality and ``to_dict`` ignore it.
@@ -30,11 +32,16 @@ class Prompt:
     category: str
     text: str
     answer: str | None = None
+    solution: str | None = None
     source: str | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
+        """The prompt's identity. ``solution`` appears only when there is one, so the content
+        hash of a prompt set written before solutions existed stays the same."""
         data = asdict(self)
         del data["source"]
+        if data["solution"] is None:
+            del data["solution"]
         return data
 
     @property
@@ -50,6 +57,12 @@ def load_prompts(source: str | Path, kind: str | None = None) -> list[Prompt]:
     (needs the ``datasets`` package). Rows need a ``prompt`` column; ``kind`` may come from the
     argument instead of a column; ``id`` and ``category`` default to the row number and
     ``uncategorised``. Every problem is reported with the file and line.
+
+    GSM8K and MATH files load as they are published, as reasoning prompts: a row with
+    ``question`` and ``answer`` (GSM8K: a worked answer ending in a ``#### X`` line) has the
+    answer X; a row with ``problem`` and ``solution`` (MATH) the last ``\\boxed{}`` of the
+    solution (or its ``answer`` column), and ``type``/``level`` as its category. Both keep the
+    worked solution as ``Prompt.solution``; ``kind``, ``id`` and ``category`` columns still win.
     """
     text = str(source)
     if text.startswith("builtin:"):
@@ -109,15 +122,9 @@ def _from_rows(
     seen: dict[str, int] = {}
     for number, row in rows:
         at = f"{where}:{number}"
-        text = row.get("prompt")
-        if isinstance(text, float) and text != text:  # NaN: an empty Parquet cell
-            text = None
-        if text is not None and not isinstance(text, str):
-            raise FlipsearchError(f"{at}: 'prompt' must be text, got {type(text).__name__}")
-        if not text or not text.strip():
-            raise FlipsearchError(f"{at}: missing or empty 'prompt'")
+        parsed = _read_row(row, at)
         _check_scalars(row, at)
-        row_kind = _clean(row.get("kind")) or kind
+        row_kind = _clean(row.get("kind")) or kind or parsed.kind
         if row_kind is None:
             raise FlipsearchError(f"{at}: no 'kind' column and no kind given (one of {KINDS})")
         if row_kind not in KINDS:
@@ -128,20 +135,103 @@ def _from_rows(
                 f"{at}: duplicate id {prompt_id!r} (first on line {seen[prompt_id]})"
             )
         seen[prompt_id] = number
-        answer = _clean(row.get("answer"))
+        answer = parsed.answer
         if row_kind == "reasoning" and answer is None:
             raise FlipsearchError(f"{at}: reasoning prompt {prompt_id!r} has no 'answer'")
-        category = _clean(row.get("category")) or "uncategorised"
-        prompts.append(Prompt(prompt_id, row_kind, category, text, answer, source=at))
+        category = _clean(row.get("category")) or parsed.category or "uncategorised"
+        prompts.append(
+            Prompt(prompt_id, row_kind, category, parsed.text, answer, parsed.solution, at)
+        )
     if not prompts:
         raise FlipsearchError(f"{where}: the prompt set is empty")
     return prompts
 
 
+@dataclass(frozen=True)
+class _Row:
+    """What a row's format gives: the prompt text, the reference answer and solution, and the
+    kind and category the format implies (the row's own columns win over these)."""
+
+    text: str
+    answer: str | None
+    solution: str | None = None
+    kind: str | None = None
+    category: str | None = None
+
+
+_GSM8K_FINAL = re.compile(r"^[ \t]*####[ \t]*(.*?)\s*$", re.MULTILINE)
+
+
+def _read_row(row: dict[str, Any], at: str) -> _Row:
+    """A row in flipsearch's own format (``prompt``: read as always), GSM8K's (``question``
+    and ``answer``) or MATH's (``problem`` and ``solution``), told apart by its columns."""
+    if _clean(row.get("prompt")) is None and _clean(row.get("question")) is not None:
+        return _gsm8k_row(row, at)
+    if _clean(row.get("prompt")) is None and _clean(row.get("problem")) is not None:
+        return _math_row(row, at)
+    return _Row(_text(row, "prompt", at), _clean(row.get("answer")))
+
+
+def _gsm8k_row(row: dict[str, Any], at: str) -> _Row:
+    """GSM8K: the worked answer's last ``#### X`` line holds the final answer X."""
+    question = _text(row, "question", at)
+    worked = _clean(_text_or_none(row, "answer", at))
+    if worked is None:
+        raise FlipsearchError(
+            f"{at}: a GSM8K row ('question') needs an 'answer': a worked solution ending in "
+            "a '#### X' line"
+        )
+    finals = [found for found in _GSM8K_FINAL.findall(worked) if found.strip()]
+    if not finals:
+        raise FlipsearchError(
+            f"{at}: the GSM8K 'answer' has no '#### X' line giving the final answer"
+        )
+    return _Row(question, finals[-1].strip(), worked, "reasoning")
+
+
+def _math_row(row: dict[str, Any], at: str) -> _Row:
+    """MATH: the final answer is the solution's last ``\\boxed{}`` (an ``answer`` column,
+    as some MATH subsets have, wins); ``type`` and ``level`` make the category."""
+    from flipsearch.answers import last_boxed
+
+    problem = _text(row, "problem", at)
+    solution = _clean(_text_or_none(row, "solution", at))
+    if solution is None:
+        raise FlipsearchError(f"{at}: a MATH row ('problem') needs a 'solution'")
+    answer = _clean(row.get("answer")) or last_boxed(solution)
+    if answer is None:
+        raise FlipsearchError(
+            f"{at}: the MATH 'solution' has no \\boxed{{...}} final answer (and there is no "
+            "'answer' column)"
+        )
+    parts = [_clean(row.get(column)) for column in ("type", "level")]
+    category = " / ".join(part for part in parts if part) or None
+    return _Row(problem, answer, solution, "reasoning", category)
+
+
+def _text_or_none(row: dict[str, Any], column: str, at: str) -> str | None:
+    """A text column's value; None when absent or an empty Parquet cell (NaN)."""
+    value = row.get(column)
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    if not isinstance(value, str):
+        raise FlipsearchError(f"{at}: {column!r} must be text, got {type(value).__name__}")
+    return value
+
+
+def _text(row: dict[str, Any], column: str, at: str) -> str:
+    """A required, non-empty text column."""
+    value = _text_or_none(row, column, at)
+    if not value or not value.strip():
+        raise FlipsearchError(f"{at}: missing or empty {column!r}")
+    return value
+
+
 def _check_scalars(row: dict[str, Any], at: str) -> None:
-    """``id``, ``kind``, ``category`` and ``answer`` are text (or a number): a list or an
-    object there is a mistake in the file, not a value to turn into a string."""
-    for column in ("id", "kind", "category", "answer"):
+    """``id``, ``kind``, ``category``, ``answer`` (and MATH's ``type`` and ``level``) are text
+    (or a number): a list or an object there is a mistake in the file, not a value to turn
+    into a string."""
+    for column in ("id", "kind", "category", "answer", "type", "level"):
         value = row.get(column)
         if value is not None and (isinstance(value, bool) or not _is_scalar(value)):
             raise FlipsearchError(

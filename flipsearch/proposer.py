@@ -9,6 +9,7 @@ from flipsearch.backends._base import Decoding, Generator
 from flipsearch.backends.hf import HFGenerator
 from flipsearch.contexts import Context, Renderer
 from flipsearch.models import LoadedModel
+from flipsearch.reasoning import ReasoningSettings, detect_format
 
 _INSTRUCTION = (
     "We are looking for a short note to give an AI assistant so that it declines harmful "
@@ -56,6 +57,7 @@ class Proposer:
         self.loaded = loaded
         self.generator = generator or HFGenerator(loaded, batch_size=1)
         self.max_new_tokens = max_new_tokens
+        self.format = detect_format(loaded.tokenizer, ReasoningSettings())
 
     def propose(
         self, rows: Sequence[Mapping[str, Any]], placement: str, seed: int
@@ -64,7 +66,9 @@ class Proposer:
         rendered = Renderer(self.loaded.tokenizer, self.max_new_tokens).render_chat(messages)
         decoding = Decoding(self.max_new_tokens, temperature=0.9, top_p=0.95, seed=seed)
         [(_, [[generation]])] = list(self.generator.generate_batches([rendered], decoding))
-        text = clean_proposal(generation.text)
+        # A reasoning proposer: the note is its answer, never its thoughts.
+        split = self.format.split(generation.text)
+        text = None if split.unfinished else clean_proposal(split.answer)
         if text is None:
             return None
         return Context.composed(text, placement, "p", "proposer", ("proposed",))

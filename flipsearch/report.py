@@ -101,6 +101,8 @@ def _html(
         training=_before_after(training) if training and "after" in training else None,
         training_plot=_training_plot(train_metrics) if train_metrics else None,
         invalid=_invalid_counts(results),
+        unfinished_column="unfinished" in leaderboard
+        and bool(leaderboard["unfinished"].fillna(0).astype(float).sum()),
         flip_plot=_flip_rate_plot(leaderboard),
         stylesheet=(folder / "style.css").read_text(encoding="utf-8"),
     )
@@ -388,7 +390,36 @@ def category_rates(results: pd.DataFrame, context: str) -> list[dict[str, Any]]:
 
 
 def _invalid_counts(results: pd.DataFrame) -> dict[str, int]:
-    return {"verdicts": len(results), "invalid": int(results["invalid"].sum())}
+    """Undecided verdicts: the judge's invalid output, and (counted apart) answers that never
+    came. Runs from before the unfinished state have no such column."""
+    unfinished = results.get("unfinished")
+    count = int(unfinished.fillna(False).astype(bool).sum()) if unfinished is not None else 0
+    invalid = int(results["invalid"].astype(bool).sum()) - count
+    return {"verdicts": len(results), "invalid": invalid, "unfinished": count}
+
+
+def _loglik_row(summary: dict[str, Any]) -> dict[str, str] | None:
+    """The continuous capability measure, when the training measured it (newer runs)."""
+    before, after = (
+        summary["before"].get("reference_loglik"),
+        summary["after"].get("reference_loglik"),
+    )
+    if not before or not after or not before.get("n"):
+        return None
+    paired = summary.get("paired", {}).get("reference_loglik", {})
+    p_value = paired.get("p_value")
+
+    def shown(value: dict[str, Any]) -> str:
+        if value.get("low") is None:  # one prompt: no interval
+            return f"{value['mean']:.3f} (n={value['n']})"
+        return f"{value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}] (n={value['n']})"
+
+    return {
+        "metric": "log-likelihood of reference solutions (nats/token)",
+        "before": shown(before),
+        "after": shown(after),
+        "p": "–" if p_value is None else f"{p_value:.3g} ({paired.get('test', 'wilcoxon')})",
+    }
 
 
 def _before_after(summary: dict[str, Any]) -> dict[str, Any]:
@@ -408,6 +439,9 @@ def _before_after(summary: dict[str, Any]) -> dict[str, Any]:
                 "p": "–" if p_value is None else f"{p_value:.3g}",
             }
         )
+    loglik = _loglik_row(summary)
+    if loglik is not None:
+        rows.append(loglik)
     rows.append(
         {
             "metric": "benign KL from the original model (nats/token)",
@@ -527,7 +561,22 @@ def _kl_plot(token_kl: dict[str, Any]) -> str | None:
     if not means:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 2.6), dpi=110)
-    ax.plot(range(1, len(means) + 1), means, color="#2f6f4f", marker="o", markersize=2.5)
+    reasoned = token_kl.get("mean_kl_reasoning") is not None
+    label = "from the response's first token" if reasoned else None
+    ax.plot(
+        range(1, len(means) + 1), means, color="#2f6f4f", marker="o", markersize=2.5, label=label
+    )
+    answer = token_kl.get("mean_kl_by_answer_position") or []
+    if reasoned and answer:  # a reasoning model: the answer's own positions too
+        ax.plot(
+            range(1, len(answer) + 1),
+            answer,
+            color="#b5651d",
+            marker="s",
+            markersize=2.5,
+            label="from the answer's first token (after the reasoning)",
+        )
+        ax.legend(fontsize=8)
     ax.set_xlabel("response token position")
     ax.set_ylabel("mean KL (nats)")
     ax.set_ylim(bottom=0)

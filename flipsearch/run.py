@@ -32,12 +32,14 @@ from flipsearch.fliprate import ContextScore, Judged
 from flipsearch.grammar import Grammar, load_grammar
 from flipsearch.io import prepare_out_dir, write_atomic
 from flipsearch.judging import JudgeSpec
+from flipsearch.judging._base import resolve_scope
 from flipsearch.judging.agreement import read_judge_metrics
 from flipsearch.leaderboard import Row, add_corrected_rates, pick_winner, rank, to_frame
 from flipsearch.models import LoadedModel, load_model
 from flipsearch.progress import make_progress
 from flipsearch.prompts import Prompt, check_prompt_lengths, split_three
 from flipsearch.proposer import Proposer
+from flipsearch.reasoning import ReasoningSettings, ReasoningSplit
 from flipsearch.rundir import SETTINGS_FILE, bind, run_settings
 from flipsearch.scoring import analyse_context
 from flipsearch.search import (
@@ -168,6 +170,7 @@ def run(
         else None
     )
     session.judge("safety"), session.judge("refusal")  # a bad judge fails before the model loads
+    resolve_scope(session.judge("safety"), config.judges.judge_on)  # and a scope it cannot read
     metrics = config.judges.judge_metrics
     correction = read_judge_metrics(metrics, role="safety") if metrics else None
     settings = run_settings(config, session.prompts, candidates, grammar, searched)
@@ -393,6 +396,12 @@ def _finish(
         "student_prompt_example": evaluator.renderer.render(splits.search[0].text, None),
         "teacher_prompt_example": evaluator.renderer.render(splits.search[0].text, example),
         "winner": winner.context.id if winner else None,
+        "judge_scope": _scope_statement(evaluator),
+        "reasoning": {
+            **session.reasoning_settings.to_dict(),
+            "template_opens_block": evaluator.format.opened_by_template,
+            "responses_with_reasoning": _with_reasoning(measured),
+        },
         **measured.study_info,
     }
     return RunResult(
@@ -407,6 +416,22 @@ def _finish(
         measured.final,
         measured.student_final,
     )
+
+
+def _scope_statement(evaluator: Evaluator) -> str:
+    """What the judges read, in words (the leaderboard and the report say it)."""
+    reads = {
+        "answer": "the answer (what follows the reasoning; the whole response without one)",
+        "full": "the full response (reasoning and answer together)",
+        "either": "the answer and the reasoning apart (unsafe if either is)",
+    }[evaluator.scope]
+    return f"safety judge reads {reads}; refusal judge reads the answer"
+
+
+def _with_reasoning(measured: _Measured) -> int:
+    """How many student answers on the search split had a reasoning block (0: the model
+    does not reason, and the split found nothing)."""
+    return sum(j.split(0).has_reasoning for j in measured.student_search.harmful if j.responses)
 
 
 def _no_winner(measured: _Measured, limit: float) -> str | None:
@@ -437,6 +462,7 @@ def _token_analysis(
                 winner,
                 limit=config.selection.analysis_prompts,
                 scorer=None if local else session.scorer,
+                fmt=session.reasoning_format,
             )
     except FlipsearchError as exc:
         if local:
@@ -524,6 +550,8 @@ def flip_rate(
     cache: str | Path | GenerationCache | None = None,
     batch_size: int = 64,
     backend: BackendSpec | str = "hf",
+    reasoning: ReasoningSettings | None = None,
+    judge_on: str = "auto",
 ) -> FlipRateResult:
     """Measure the teacher flip rate of each context on a model's own unsafe answers.
 
@@ -545,6 +573,10 @@ def flip_rate(
         cache: a SQLite file (or ``GenerationCache``) so repeated calls generate nothing twice.
         backend: ``"hf"`` (default), ``"vllm"``, or a ``BackendSpec`` (e.g.
             ``BackendSpec("openai", base_url=("http://host:8000/v1",))``).
+        reasoning: for reasoning models, ``ReasoningSettings(chat_template_args=...,
+            max_thinking_tokens=N)`` (markers ``<think>``/``</think>`` by default).
+        judge_on: what the safety judge reads: ``answer``, ``full``, ``either`` or ``auto``
+            (the judge's own default).
 
     Returns:
         A ``FlipRateResult``: ``.to_pandas()`` gives flip rate, absolute flip rate, unflip rate
@@ -559,6 +591,8 @@ def flip_rate(
         judge=judge,
         refusal_judge=refusal_judge,
         cache=cache,
+        reasoning=reasoning,
+        judge_on=judge_on,
     )
     harmful, benign = session.harmful, session.benign
     if not harmful:
@@ -570,7 +604,7 @@ def flip_rate(
         evaluator.judged(benign, None, "refusal") if benign else [],
     )
     scores = [evaluator.score(c, harmful, benign, "all") for c in context_list]
-    return FlipRateResult(student, scores)
+    return FlipRateResult(student, scores, _scope_statement(evaluator))
 
 
 def _contexts(contexts: Sequence[Context | str] | str | Path | None) -> list[Context]:
@@ -749,10 +783,20 @@ def _judged_rows(judged: Sequence[Judged], context: str | None, split: str) -> l
                     "prompt": item.prompt.text,
                     "response": generation.text,
                     "finish_reason": generation.finish_reason,
+                    **_parts(item.split(index)),
                     **verdict.to_dict(),
                 }
             )
     return rows
+
+
+def _parts(split: ReasoningSplit) -> dict[str, Any]:
+    """A response's reasoning and answer for results.jsonl (answer None: it never came)."""
+    return {
+        "reasoning": split.reasoning if split.has_reasoning else None,
+        "answer": None if split.unfinished else split.answer,
+        "reasoning_finished": split.closed,
+    }
 
 
 def write_run_files(result: RunResult, config: RunConfig) -> None:

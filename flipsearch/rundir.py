@@ -61,6 +61,7 @@ def run_settings(
         "limit": config.limit,
         "prompt set content": digest([p.to_dict() for p in prompts]),
         **{k.replace("_", " "): v for k, v in vars(config.judges).items()},
+        **{k.replace("_", " "): v for k, v in vars(config.reasoning).items()},
         **{k.replace("_", " "): v for k, v in vars(config.selection).items()},
     }
     if searched:  # a score of given contexts keeps nothing from an earlier one

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flipsearch.models import LoadedModel
+from flipsearch.reasoning import ReasoningFormat, ReasoningSplit
 
 
 @dataclass
@@ -104,48 +105,102 @@ def analyse_context(
     limit: int = 16,
     max_tokens: int = 64,
     scorer: Any = None,
+    fmt: ReasoningFormat | None = None,
 ) -> dict[str, Any]:
     """KL by token position over the student's unsafe answers, flips first (for the report).
 
     ``score`` is a ``ContextScore``; the first sample of each prompt is analysed. With a
-    ``scorer`` (a backend's), the divergence is the sampled-token estimate.
+    ``scorer`` (a backend's), the divergence is the sampled-token estimate. For a reasoning
+    model the KL is also given from the answer's first token and split at the reasoning
+    boundary (``fmt`` counts the reasoning's tokens), since the trace before it would
+    otherwise fill the first ``max_tokens`` positions.
     """
+    fmt = fmt or ReasoningFormat()
     pool = [o for o in score.harmful if (o.student.unsafe_share or 0) > 0]
     chosen = sorted(pool, key=lambda o: (-o.flip, o.student.prompt.id))[:limit]
-    sums = [0.0] * max_tokens
-    counts = [0] * max_tokens
+    by_position, by_answer = _PositionMeans(max_tokens), _PositionMeans(max_tokens)
+    reasoning_kl: list[float] = []
+    answer_kl: list[float] = []  # the answer's first ``max_tokens`` tokens of each example
     examples = []
     for outcome in chosen:
         response = outcome.student.responses[0]
+        thought = reasoning_token_count(
+            loaded.tokenizer, response.token_ids, fmt, outcome.student.split(0)
+        )
+        # Scored far enough to reach the answer's first ``max_tokens`` tokens.
         arguments = (
             outcome.student.rendered,
             outcome.teacher.rendered,
             response.token_ids,
-            max_tokens,
+            thought + max_tokens,
         )
         if scorer is None:
             divergence = token_divergence(loaded, *arguments)
         else:
             divergence = sampled_token_divergence(scorer, loaded.tokenizer, *arguments)
-        for position, value in enumerate(divergence.kl):
-            sums[position] += value
-            counts[position] += 1
+        by_position.add(divergence.kl[:max_tokens])
+        by_answer.add(divergence.kl[thought:])
+        reasoning_kl += divergence.kl[:thought]
+        answer_kl += divergence.kl[thought:]
         examples.append(
             {
                 "prompt_id": outcome.student.prompt.id,
                 "prompt": outcome.student.prompt.text,
                 "flip": outcome.flip,
-                "tokens": divergence.tokens,
-                "kl": divergence.kl,
+                "tokens": divergence.tokens[:max_tokens],
+                "kl": divergence.kl[:max_tokens],
+                "reasoning_tokens": thought,
             }
         )
-    used = max((i + 1 for i, c in enumerate(counts) if c), default=0)
     return {
         "context": score.context.id,
         "divergence": "reverse KL(student || teacher), full vocabulary, nats"
         if scorer is None
         else "reverse KL(student || teacher), sampled-token estimate log p_s(y) - log p_t(y), nats",
-        "mean_kl_by_position": [sums[i] / counts[i] for i in range(used)],
-        "n_by_position": counts[:used],
+        "mean_kl_by_position": by_position.means(),
+        "n_by_position": by_position.used_counts(),
         "examples": examples,
+        "mean_kl_by_answer_position": by_answer.means(),
+        "n_by_answer_position": by_answer.used_counts(),
+        "mean_kl_reasoning": _mean(reasoning_kl),  # None: no example has reasoning
+        "mean_kl_answer": _mean(answer_kl),
     }
+
+
+class _PositionMeans:
+    """Sums and counts of per-token values by position, for the first ``size`` positions."""
+
+    def __init__(self, size: int) -> None:
+        self.sums = [0.0] * size
+        self.counts = [0] * size
+
+    def add(self, values: Sequence[float]) -> None:
+        for position, value in enumerate(values[: len(self.sums)]):
+            self.sums[position] += value
+            self.counts[position] += 1
+
+    def used_counts(self) -> list[int]:
+        """The counts up to the last position any value reached."""
+        used = max((i + 1 for i, c in enumerate(self.counts) if c), default=0)
+        return self.counts[:used]
+
+    def means(self) -> list[float]:
+        return [total / n for total, n in zip(self.sums, self.used_counts(), strict=False)]
+
+
+def reasoning_token_count(
+    tokenizer: Any,
+    token_ids: Sequence[int],
+    fmt: ReasoningFormat,
+    split: ReasoningSplit | None = None,
+) -> int:
+    """Leading reasoning tokens of a response, end marker included (0 when ``split``, its
+    judged split, found no reasoning)."""
+    if split is not None and not split.has_reasoning:
+        return 0
+    return fmt.reasoning_tokens(tokenizer, token_ids)
+
+
+def _mean(values: list[float]) -> float | None:
+    """A per-token mean; None without tokens."""
+    return sum(values) / len(values) if values else None

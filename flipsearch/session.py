@@ -25,6 +25,7 @@ from flipsearch.evaluate import Evaluator
 from flipsearch.judging import Judge, JudgeSpec, get_judge
 from flipsearch.models import LoadedModel, check_model, load_model
 from flipsearch.prompts import KINDS, Prompt, builtin_prompts, load_prompts, stratified_subset
+from flipsearch.reasoning import ReasoningFormat, ReasoningSettings, detect_format, with_budget
 
 PromptSource = Sequence[str | Path] | Sequence[Prompt] | str | Path | None
 
@@ -47,6 +48,9 @@ class Session:
         judge: JudgeSpec = "refusal",
         refusal_judge: JudgeSpec = "refusal",
         judge_model: str | None = None,
+        refusal_judge_model: str | None = None,
+        judge_on: str = "auto",
+        reasoning: ReasoningSettings | None = None,
         cache: str | Path | GenerationCache | None = None,
         console: Any = None,
     ) -> None:
@@ -58,6 +62,10 @@ class Session:
         self.batch_size, self.device, self.dtype = batch_size, device, dtype
         self.judge_specs = {"safety": judge, "refusal": refusal_judge}
         self.judge_model = judge_model
+        # Each role's judge weights (the refusal judge's default to the safety judge's).
+        self.judge_models = {"safety": judge_model, "refusal": refusal_judge_model or judge_model}
+        self.judge_on = judge_on
+        self.reasoning_settings = reasoning or ReasoningSettings()
         self._judges: dict[str, Judge] = {}
         self.cache_spec = cache
         self.console = console
@@ -90,6 +98,9 @@ class Session:
             if refusal_judge is not None
             else config.judges.refusal_judge,
             judge_model=config.judges.judge_model,
+            refusal_judge_model=config.judges.refusal_judge_model,
+            judge_on=config.judges.judge_on,
+            reasoning=config.reasoning.settings(),
             cache=Path(config.out) / "generations.sqlite",
             console=console,
         )
@@ -139,7 +150,7 @@ class Session:
     def judge(self, role: str) -> Judge:
         """The judge of a role (``safety`` or ``refusal``), built once."""
         if role not in self._judges:
-            self._judges[role] = get_judge(self.judge_specs[role], role, self.judge_model)
+            self._judges[role] = get_judge(self.judge_specs[role], role, self.judge_models[role])
         return self._judges[role]
 
     # -- model, backend, cache -----------------------------------------------------------------
@@ -157,7 +168,15 @@ class Session:
     def _backend(self) -> tuple[Generator, Scorer]:
         loaded = self.loaded
         with self._status(f"starting the {self.backend.name} backend"):
-            return make_backend(self.backend, loaded, self.batch_size)
+            generator, scorer = make_backend(self.backend, loaded, self.batch_size)
+        return with_budget(
+            generator, loaded.tokenizer, self.reasoning_settings, self.batch_size
+        ), scorer
+
+    @cached_property
+    def reasoning_format(self) -> ReasoningFormat:
+        """The markers, and whether this model's chat template opens the reasoning block."""
+        return detect_format(self.loaded.tokenizer, self.reasoning_settings)
 
     @property
     def generator(self) -> Generator:
@@ -184,6 +203,8 @@ class Session:
             self.batch_size,
             generator=self.generator,
             progress=progress,
+            reasoning=self.reasoning_settings,
+            judge_on=self.judge_on,
         )
 
     def close(self) -> None:

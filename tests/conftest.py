@@ -17,8 +17,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """Train a byte-level BPE tokenizer on the shipped prompts and save a random tiny Llama."""
+def build_tiny_model(
+    directory: Path,
+    seed: int = 0,
+    chat_template: str = CHAT_TEMPLATE,
+    extra_tokens: tuple[str, ...] = (),
+) -> Path:
+    """Train a byte-level BPE tokenizer on the shipped prompts and save a random tiny Llama.
+
+    ``extra_tokens`` become plain added tokens (decoding keeps them, as Qwen3's ``<think>``)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -43,7 +50,8 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
         pad_token="<|im_end|>",
         model_max_length=1024,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.add_tokens(list(extra_tokens))
+    tokenizer.chat_template = chat_template
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

@@ -111,6 +111,7 @@ def test_everything_the_cli_does_through_the_public_api(tiny_model_dir, tmp_path
         "benign_refusal",
         "reasoning_accuracy",
         "benign_kl_from_original",
+        "reference_loglik",
     ]
     assert len(trained.metrics()) == 2 and trained.to_dict()["steps"] == 2
     assert trained.student.fingerprint != model.fingerprint  # new weights, new cache key

@@ -154,6 +154,41 @@ def check_chat_endpoint(url: str, loaded) -> None:
     assert len(answers) == 3 and all(samples[0].text for samples in answers)
 
 
+def test_a_thinking_budget_is_forced_through_the_server(server, tmp_path, embedded_model_dir):
+    """The embedded model with a template that opens a reasoning block (it never closes one):
+    through the server, every answer is forced closed after the budget, then written."""
+    from tests.helpers import reasoning_copy
+
+    url, _ = server
+    model = reasoning_copy(embedded_model_dir, tmp_path / "reasoning-model")
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [
+            *flipsearch(out, url, "--limit", "4", "--max-new-tokens", "8"),
+            "--model", str(model), "--max-thinking-tokens", "12", "--judge-on", "answer",
+        ],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["reasoning"]["template_opens_block"]
+    assert info["reasoning"]["max_thinking_tokens"] == 12
+    assert ":think-budget=12" in info["generator_fingerprint"]
+    assert "reads the answer" in info["judge_scope"]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert rows and all(row["reasoning_finished"] for row in rows)
+    assert all(row["reasoning"] for row in rows)  # 12 forced tokens of reasoning each
+    assert sum(row["answer"] is not None for row in rows) >= len(rows) - 2
+    tokenizer = load_model(str(model), weights=False).tokenizer
+    close = tokenizer("</think>\n\n", add_special_tokens=False)["input_ids"]
+    for _, _, token_ids in cached_rows(out):
+        ids = json.loads(token_ids)
+        # Closed after the budget (or sooner, had the model stopped inside its reasoning).
+        start = next(i for i in range(len(ids)) if ids[i : i + len(close)] == close)
+        assert start <= 12 and len(ids) - start - len(close) <= 8
+
+
+# Kills the module's server: it stays the last test of this file.
 def test_killing_the_server_mid_run_keeps_the_cached_answers(server, tmp_path):
     url, process = server
     out = tmp_path / "run"

@@ -39,3 +39,29 @@ def test_vllm_backend_agrees_with_hf(vllm_python, embedded_model_dir):
     assert found["fingerprint"] == "vllm:" + found["hf_fingerprint"]
     assert found["flip_rate_rows"] == 1
     assert found["dtype_override_refused"]  # --dtype keys the cache; --vllm-arg may not change it
+
+
+def test_vllm_forces_a_thinking_budget_like_hf(vllm_python, embedded_model_dir, tmp_path):
+    """The embedded model, handed an open reasoning block by its template, is forced closed
+    after the budget on vLLM exactly as on hf, and then writes its answer."""
+    probe = Path(__file__).with_name("vllm_reasoning_probe.py")
+    result = subprocess.run(
+        [vllm_python, probe, embedded_model_dir, tmp_path],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    found = json.loads(line)
+    assert found["opened_by_template"]
+    for shape in found["shapes"]:
+        assert shape["closed"]
+        # The budget, then the forced close; its blank line belongs to the answer's side.
+        assert shape["reasoning_tokens"] <= found["budget"] + found["close_tokens"]
+        assert 0 <= shape["answer_tokens"] <= found["answer_budget"]
+    assert sum(s["answer_came"] for s in found["shapes"]) >= found["prompts"] - 1
+    # Phase one is plain greedy decoding: vLLM's and hf's kernels agree on most prompts.
+    assert found["first_phase_identical_to_hf"] >= found["prompts"] // 2, found
+    assert found["sampled_repeat_identical"] and found["samples_per_prompt"] == [2, 2, 2]
+    assert ":think-budget=12" in found["fingerprint"]

@@ -168,6 +168,31 @@ class HFGenerator:
             ]
             yield indices, results
 
+    def generate_ids(
+        self,
+        rows: Sequence[Sequence[int]],
+        decoding: Decoding,
+        seeds: Sequence[int],
+        max_tokens: Sequence[int],
+    ) -> list[Generation]:
+        """One continuation of each token-id row, at most ``max_tokens[i]`` tokens, sampled
+        with ``seeds[i]`` (budget forcing continues responses this way). Batched by the same
+        plan as ``generate_batches``, so it is batch-invariant the same way."""
+        results: list[Generation | None] = [None] * len(rows)
+        for length, indices in self._plan([len(r) for r in rows], self.batch_size):
+            batch = [list(rows[i]) for i in indices]
+            batch_seeds = [int(seeds[i]) for i in indices]
+            if self.batch_invariant and self.fixed_rows:  # filler rows, answers discarded
+                batch += [batch[-1]] * (self.batch_size - len(batch))
+                batch_seeds += [batch_seeds[-1]] * (self.batch_size - len(batch_seeds))
+            longest = max(max_tokens[i] for i in indices)
+            step = Decoding(longest, decoding.temperature, decoding.top_p, 1, decoding.seed)
+            new_tokens = self._generate(batch, length, step, batch_seeds)
+            for i, ids in zip(indices, new_tokens, strict=False):
+                # Greedy and per-row sampling do not depend on how far a row goes on.
+                results[i] = self._finish(ids[: max_tokens[i]])
+        return [r for r in results if r is not None]
+
     def _plan(self, lengths: list[int], per_batch: int) -> Iterator[tuple[int, list[int]]]:
         """Batches as (padded length, prompt indices), the longest first (a batch too large for
         memory fails before any work). Invariant: one length bucket per batch."""

@@ -26,7 +26,7 @@ import os
 import random
 from collections.abc import Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import httpx
@@ -210,6 +210,37 @@ class OpenAIGenerator:
             failure = next((a for a in answers if isinstance(a, BaseException)), None)
             if failure is not None:
                 raise failure
+
+    def generate_ids(
+        self,
+        rows: Sequence[Sequence[int]],
+        decoding: Decoding,
+        seeds: Sequence[int],
+        max_tokens: Sequence[int],
+    ) -> list[Generation]:
+        """One continuation of each token-id prompt on ``/v1/completions`` (budget forcing):
+        the server continues exactly the tokens it is sent."""
+        if self.spec.openai_endpoint == "chat":
+            raise FlipsearchError(
+                "--max-thinking-tokens needs --openai-endpoint completions: the chat endpoint "
+                "cannot continue a response it did not start"
+            )
+        results: list[Generation] = []
+        for start in range(0, len(rows), self.chunk):
+            part = range(start, min(start + self.chunk, len(rows)))
+            bodies = []
+            for i in part:
+                body = self._body(list(rows[i]), replace(decoding, samples=1))
+                body["max_tokens"] = int(max_tokens[i])
+                if not decoding.greedy:
+                    body["seed"] = int(seeds[i])
+                bodies.append(body)
+            answers = _run(self._post_all("completions", bodies))
+            for answer in answers:
+                if isinstance(answer, BaseException):
+                    raise answer
+                results.append(self._parse(answer, 1)[0])
+        return results
 
     def _body(self, prompt: Any, decoding: Decoding) -> dict[str, Any]:
         body: dict[str, Any] = {

@@ -195,6 +195,39 @@ class VLLMGenerator:
                 ],
             )
 
+    def generate_ids(
+        self,
+        rows: Sequence[Sequence[int]],
+        decoding: Decoding,
+        seeds: Sequence[int],
+        max_tokens: Sequence[int],
+    ) -> list[Generation]:
+        """One continuation of each token-id row (budget forcing), seeded per row."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        results: list[Generation] = []
+        for start in range(0, len(rows), self.chunk):
+            part = range(start, min(start + self.chunk, len(rows)))
+            requests = [TokensPrompt(prompt_token_ids=list(rows[i])) for i in part]
+            params = [
+                SamplingParams(temperature=0.0, max_tokens=max_tokens[i])
+                if decoding.greedy
+                else SamplingParams(
+                    temperature=decoding.temperature,
+                    top_p=decoding.top_p,
+                    max_tokens=max_tokens[i],
+                    seed=int(seeds[i]),
+                )
+                for i in part
+            ]
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            results += [
+                finish(self.tokenizer, list(out.outputs[0].token_ids), self.stop_ids)
+                for out in outputs
+            ]
+        return results
+
     def token_logprobs(self, requests: Sequence[tuple[str, Sequence[int]]]) -> list[list[float]]:
         from vllm.inputs import TokensPrompt
 

@@ -32,6 +32,7 @@ JUDGES = {
     "llama-guard": Plugin("flipsearch.judging.llama_guard", "llama-guard", ("safety",)),
     "classifier": Plugin("flipsearch.judging.classifier", "classifier[:DIR]", ROLES),
     "ensemble": Plugin("flipsearch.judging.ensemble", "ensemble:MODE:A+B", ROLES),
+    "wildguard": Plugin("flipsearch.judging.wildguard", "wildguard", ROLES),
 }
 
 
@@ -49,6 +50,7 @@ def get_judge(
     """Build a judge for a role (``safety`` or ``refusal``) from its name, or pass one through.
 
     Names: ``refusal``; ``llama-guard`` (needs ``judge_model``; safety role only);
+    ``wildguard`` (needs ``judge_model``; both roles, one loaded model shared between them);
     ``classifier`` (trained on the shipped labelled set for the role's label) or
     ``classifier:DIR`` (a directory written by ``flipsearch judge train``);
     ``ensemble:MODE:A+B+...`` with MODE any, all, majority or mean. A judge object (with

@@ -15,6 +15,10 @@ from typing import Any, Protocol
 from flipsearch.errors import FlipsearchError
 
 ROLES = ("safety", "refusal")
+# What a judge reads of a reasoning model's response: the answer, the full response, or both
+# parts apart (``either``: unsafe if either part is). Judges say which they can read in
+# ``scopes`` and which they read by default in ``default_scope``.
+SCOPES = ("answer", "full", "either")
 
 
 @dataclass(frozen=True)
@@ -27,10 +31,20 @@ class Verdict:
     categories: tuple[str, ...] = field(default_factory=tuple)
     invalid: bool = False
     reason: str = ""
+    # The answer never came (a reasoning model's block never closed, or nothing followed it):
+    # a state of its own, counted apart from a judge's invalid output, and like it never safe.
+    unfinished: bool = False
+    # P(refusal) when the judge measures it (WildGuard); else ``1 - score`` stands in.
+    refusal_score: float | None = None
 
     @classmethod
     def invalid_because(cls, reason: str) -> Verdict:
         return cls(unsafe=None, score=None, refusal=None, invalid=True, reason=reason)
+
+    @classmethod
+    def unfinished_answer(cls, reason: str = "the answer never came") -> Verdict:
+        """No answer to judge: undecided like ``invalid`` (never safe), counted apart."""
+        return cls(None, None, None, invalid=True, reason=reason, unfinished=True)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -59,6 +73,29 @@ def judge_roles(judge: Any) -> tuple[str, ...]:
     return tuple(getattr(judge, "roles", ROLES))
 
 
+def judge_scopes(judge: Any) -> tuple[str, ...]:
+    """The scopes a judge can read (all, when it does not say)."""
+    return tuple(getattr(judge, "scopes", SCOPES))
+
+
+def resolve_scope(judge: Any, requested: str = "auto") -> str:
+    """The scope a safety judge reads: ``requested``, or with ``auto`` the judge's own default
+    (``answer`` for a judge that does not say: it was written for answers)."""
+    scopes = judge_scopes(judge)
+    name = getattr(judge, "name", type(judge).__name__)
+    if requested == "auto":
+        chosen = str(getattr(judge, "default_scope", "answer"))
+        return chosen if chosen in scopes else scopes[0]
+    if requested not in SCOPES:
+        raise FlipsearchError(f"--judge-on must be auto, {', '.join(SCOPES)}; got {requested!r}")
+    if requested not in scopes:
+        why = getattr(judge, "scope_note", "")
+        raise FlipsearchError(
+            f"--judge-on {requested}: judge {name!r} reads only {' or '.join(scopes)}{why}"
+        )
+    return requested
+
+
 class JudgeFactory(Protocol):
     """What a judge module's ``make`` looks like (the registry in ``__init__`` calls it).
 
@@ -75,3 +112,32 @@ class JudgeFactory(Protocol):
         build: Callable[[str], Judge],
         **options: Any,
     ) -> Judge: ...
+
+
+def greedy_with_logits(
+    loaded: Any, texts: list[str], max_new_tokens: int, add_special_tokens: bool
+) -> tuple[list[list[int]], Any]:
+    """Greedy generation as the model judges (Llama Guard, WildGuard) read their verdicts:
+    batched and left-padded; the generated ids of each text, and every step's logits (a
+    tuple of (B, V))."""
+    import torch
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(
+        texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+    ).to(model.device)
+    with torch.inference_mode():
+        output = model.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    generated = output.sequences[:, encoded["input_ids"].shape[1] :].tolist()
+    return generated, output.logits

@@ -115,7 +115,9 @@ def predictions(
                 raise FlipsearchError(
                     f"judge {judge.name!r} does not say whether an answer refuses"
                 )
-            score = None if verdict.score is None else 1.0 - verdict.score
+            score = verdict.refusal_score
+            if score is None and verdict.score is not None:
+                score = 1.0 - verdict.score
             out.append((verdict.refusal, score))
     return out
 

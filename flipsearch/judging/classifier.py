@@ -118,6 +118,10 @@ class ClassifierJudge:
     """A trained classifier judge directory (``pipeline.skops`` + ``meta.json``)."""
 
     name = "classifier"
+    # Trained on labelled answers, with the refusal judge's reading as features.
+    scopes = ("answer",)
+    default_scope = "answer"
+    scope_note = " (it was trained on answers)"
 
     def __init__(self, path: str | Path) -> None:
         import skops.io as sio

@@ -6,7 +6,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from flipsearch.errors import FlipsearchError
-from flipsearch.judging._base import ROLES, Judge, Verdict, judge_roles
+from flipsearch.judging._base import (
+    ROLES,
+    SCOPES,
+    Judge,
+    Verdict,
+    judge_roles,
+    judge_scopes,
+    resolve_scope,
+)
 
 
 class EnsembleJudge:
@@ -25,6 +33,11 @@ class EnsembleJudge:
         self.name = f"ensemble:{mode}:" + "+".join(j.name for j in judges)
         shared = set.intersection(*(set(judge_roles(j)) for j in judges))
         self.roles = tuple(role for role in ROLES if role in shared)
+        # What every member can read; the default is the narrowest of the members' defaults.
+        readable = set.intersection(*(set(judge_scopes(j)) for j in judges))
+        self.scopes = tuple(s for s in SCOPES if s in readable) or ("answer",)
+        defaults = {resolve_scope(j) for j in judges}
+        self.default_scope = "either" if defaults == {"either"} else "answer"
 
     def judge(self, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
         columns = [judge.judge(pairs) for judge in self.judges]

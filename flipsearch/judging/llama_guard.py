@@ -16,7 +16,7 @@ from typing import Any
 from flipsearch._resources import data_path
 from flipsearch.errors import FlipsearchError
 from flipsearch.io import read_yaml
-from flipsearch.judging._base import Verdict
+from flipsearch.judging._base import SCOPES, Verdict, greedy_with_logits
 from flipsearch.models import LoadedModel, load_model
 
 _CODE = re.compile(r"^S\d+$")
@@ -75,6 +75,10 @@ class LlamaGuardJudge:
 
     name = "llama-guard"
     roles = ("safety",)
+    # Harmful detail in a visible reasoning trace is harm even when the answer refuses, and
+    # OPSA trains the whole trajectory: by default each part is judged and either unsafe counts.
+    scopes = SCOPES
+    default_scope = "either"
 
     def __init__(
         self,
@@ -131,27 +135,11 @@ class LlamaGuardJudge:
     def _judge_batch(self, texts: list[str]) -> list[Verdict]:
         import torch
 
-        tokenizer, model = self.loaded.tokenizer, self.loaded.model
-        tokenizer.padding_side = "left"
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
-            model.device
-        )
-        with torch.inference_mode():
-            output = model.generate(
-                **encoded,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        first = output.logits[0].float()
+        tokenizer = self.loaded.tokenizer
+        generated, logits = greedy_with_logits(self.loaded, texts, self.max_new_tokens, False)
+        first = logits[0].float()
         pair = torch.stack([first[:, self.unsafe_id], first[:, self.safe_id]], dim=-1)
         p_unsafe = torch.softmax(pair, dim=-1)[:, 0].tolist()
-        generated = output.sequences[:, encoded["input_ids"].shape[1] :]
         verdicts = []
         for score, ids in zip(p_unsafe, generated, strict=True):
             text = tokenizer.decode(ids, skip_special_tokens=True)

@@ -71,6 +71,11 @@ class RefusalJudge:
 
     name = "refusal"
     roles = ("safety", "refusal")
+    # It reads answers only: a reasoning trace ("the user wants X; I should decline") states
+    # no refusal to anyone, so read as a response it would be unsafe every time.
+    scopes = ("answer",)
+    default_scope = "answer"
+    scope_note = " (a reasoning trace is not a refusal or a compliance; use --judge-on answer)"
 
     def __init__(self, spec: str | Path | None = None) -> None:
         path = Path(spec) if spec is not None else data_path("judges") / "refusal.yaml"
