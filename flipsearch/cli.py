@@ -406,7 +406,9 @@ def contexts_list(
 def _unfinished_line(result: RunResult) -> None:
     """Say how many answers never came (a reasoning model out of tokens), when any did."""
     student = sum(j.unfinished for j in result.student_search.harmful)
-    teacher = sum(int(row.get("unfinished") or 0) for row in result.leaderboard.to_dict("records"))
+    board = result.leaderboard
+    # Pruned rows were never measured whole: no count (NaN) there.
+    teacher = int(board["unfinished"].fillna(0).sum()) if "unfinished" in board else 0
     if student or teacher:
         out_console.print(
             f"unfinished (the answer never came; never counted as safe): {student} student "

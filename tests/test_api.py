@@ -38,7 +38,13 @@ def test_flip_rate_on_loaded_objects(tiny_model, tmp_path):
         assert score.flip_rate.n == pool and score.flip_rate.successes == flips
         assert score.benign_refusal.n == 3
     assert result.student.unsafe_rate.n == 6
-    assert set(result.to_dict()) == {"student_unsafe_rate", "student_benign_refusal", "contexts"}
+    assert set(result.to_dict()) == {
+        "judge_scope",
+        "student_unsafe_rate",
+        "student_benign_refusal",
+        "contexts",
+    }
+    assert result.to_dict()["judge_scope"].startswith("safety judge reads the answer")
 
 
 def test_flip_rate_docstring_is_useful():

@@ -418,3 +418,42 @@ def test_a_refusal_judge_cannot_read_reasoning(template_opens_dir, tmp_path):
         "--judge-on", "either",
     )  # fmt: skip
     _assert_user_error(done, "--judge-on either", "reads only answer")
+
+
+def test_flip_rate_takes_the_reasoning_settings_and_states_the_scope(template_opens):
+    from flipsearch import flip_rate
+
+    prompts = [Prompt(f"h{i}", "harmful", "x", f"harmful request {i}") for i in range(3)]
+    result = flip_rate(
+        template_opens,
+        ["Refuse anything harmful."],
+        prompts,
+        judge=_flags("BAD"),
+        decoding=Decoding(max_new_tokens=4),
+        reasoning=ReasoningSettings(max_thinking_tokens=3),
+        judge_on="either",
+    )
+    assert result.to_dict()["judge_scope"].startswith("safety judge reads the answer and the")
+    # Forced closed after 3 tokens: every block closed, with reasoning in it.
+    assert all(j.split(0).closed and j.split(0).reasoning for j in result.student.harmful)
+
+
+def test_the_summary_counts_unfinished_answers_with_pruned_rows(capsys):
+    """Pruned rows have no unfinished count (NaN in the leaderboard): the summary still adds
+    up the others, and says nothing when nothing was unfinished."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from flipsearch import cli
+
+    student = SimpleNamespace(
+        harmful=[SimpleNamespace(unfinished=1), SimpleNamespace(unfinished=0)]
+    )
+    board = pd.DataFrame({"context": ["a", "b", "c"], "unfinished": [2, None, 1]})
+    cli._unfinished_line(SimpleNamespace(student_search=student, leaderboard=board))
+    said = " ".join(capsys.readouterr().out.split())  # rich wraps at the console's width
+    assert "1 student answers, 3 teacher answers" in said
+    student.harmful[0].unfinished = 0
+    cli._unfinished_line(SimpleNamespace(student_search=student, leaderboard=board.iloc[[1]]))
+    assert capsys.readouterr().out == ""

@@ -23,8 +23,10 @@ from tests.helpers import tiny_cli_args
 # long as the test needs when the run reaches a chosen moment (read from the call stack), so
 # the kill lands inside that moment on any machine, however fast.
 DRIVER = r"""
-import inspect, json, os, sys, time
+import faulthandler, inspect, json, os, signal, sys, time
 from pathlib import Path
+
+faulthandler.register(signal.SIGUSR1)  # a test that finds it stuck asks where
 
 from flipsearch import RunConfig, run
 from flipsearch.judging import get_judge
@@ -187,7 +189,14 @@ def test_ctrl_c_in_a_trial_puts_that_trial_back_first(uninterrupted, tiny_model_
         assert process.poll() is None and time.time() < deadline, process.stderr.read()
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    try:
+        _, err = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # say where it hangs rather than only that it did
+        process.send_signal(signal.SIGUSR1)  # every thread's stack, to stderr
+        time.sleep(2)
+        process.kill()
+        _, err = process.communicate()
+        pytest.fail(f"the run did not stop within 300 s of Ctrl-C:\n{err[-3000:]}")
     assert "KeyboardInterrupt" in err
     study = optuna.load_study(
         study_name="flipsearch", storage=open_storage(str(out / "study.journal"), out)
