@@ -27,6 +27,9 @@ import faulthandler, inspect, json, os, signal, sys, time
 from pathlib import Path
 
 faulthandler.register(signal.SIGUSR1)  # a test that finds it stuck asks where
+# Ctrl-C as a terminal delivers it: a runner started in the background (`cmd &`) hands its
+# children SIGINT ignored, and Python then installs no KeyboardInterrupt handler at all.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from flipsearch import RunConfig, run
 from flipsearch.judging import get_judge
