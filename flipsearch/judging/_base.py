@@ -141,3 +141,17 @@ def greedy_with_logits(
         )
     generated = output.sequences[:, encoded["input_ids"].shape[1] :].tolist()
     return generated, output.logits
+
+
+def in_batches(
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int,
+    render: Callable[[str, str], str],
+    judge_batch: Callable[[list[str]], list[Verdict]],
+) -> list[Verdict]:
+    """A model judge's verdicts, ``batch_size`` rendered pairs per model call."""
+    verdicts: list[Verdict] = []
+    for start in range(0, len(pairs), batch_size):
+        batch = pairs[start : start + batch_size]
+        verdicts.extend(judge_batch([render(p, r) for p, r in batch]))
+    return verdicts

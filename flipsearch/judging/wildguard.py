@@ -25,7 +25,7 @@ from typing import Any
 from flipsearch._resources import data_path
 from flipsearch.errors import FlipsearchError
 from flipsearch.io import read_yaml
-from flipsearch.judging._base import Verdict, greedy_with_logits
+from flipsearch.judging._base import Verdict, greedy_with_logits, in_batches
 from flipsearch.models import LoadedModel, load_model
 
 # The three answer lines, in the order the model writes them (parsing accepts any order).
@@ -146,11 +146,7 @@ class WildGuardJudge:
         return build_prompt(self.spec, prompt, response)
 
     def judge(self, pairs: Sequence[tuple[str, str]]) -> list[Verdict]:
-        verdicts: list[Verdict] = []
-        for start in range(0, len(pairs), self.batch_size):
-            batch = pairs[start : start + self.batch_size]
-            verdicts.extend(self._judge_batch([self.render(p, r) for p, r in batch]))
-        return verdicts
+        return in_batches(pairs, self.batch_size, self.render, self._judge_batch)
 
     def _judge_batch(self, texts: list[str]) -> list[Verdict]:
         tokenizer = self.loaded.tokenizer
