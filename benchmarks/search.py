@@ -1,35 +1,59 @@
-"""Pruned search vs exhaustive scoring: teacher generations used and the winner found.
+"""The pruned search vs exhaustive scoring, one trial at a time vs many in flight, on two prompt
+collections and two backends, measured in one run.
 
-    python benchmarks/search.py [--limit 48] [--max-new-tokens 32] [--seeds 0,1,2,3,4]
+    python benchmarks/search.py [--backends hf,vllm] [--limit 40] [--max-new-tokens 24]
+                                [--vllm-python .venv-vllm/bin/python] [--work DIR]
 
-Exhaustive scoring generates every seed context's teacher answers on the whole search split and
-the benign set. The pruned search runs the same candidates as Optuna trials with the Wilcoxon
-pruner, as `flipsearch run` does: each seed's first chunk of prompts is generated up front (the
-screen), the seeds are enqueued strongest first, and each trial meets the pool in its own
-shuffled order; the seed changes those orders (and how screening ties are broken). The search
-measures benign refusal only for contexts that could still win ("skipped" counts the others)
-and stops it once the limit is surely exceeded ("stopped"). Each method starts from a cache
-holding only the student's answers, so its count of teacher generations is what it really
-generated. A pruned winner that differs from the exhaustive one is compared with it by the
-exact McNemar test on the exhaustive scores.
+For each backend and each collection (the shipped sets, and collection B in
+``benchmarks/collections/b``, written to be unlike them and used only for measuring):
+
+- ``exhaustive`` scores every seed context on the whole search split and benign set; its
+  leaderboard's winner is the reference.
+- ``sequential`` runs the study as flipsearch did before trials shared calls: one trial in
+  flight, each call only the chunk it asks for.
+- ``concurrent`` keeps ``ceil(batch / prune-every)`` trials in flight, serves them in shared
+  calls and tops each call up to whole batches (``flipsearch run``'s default).
+
+Both searches start from a cache holding only the student's answers, run every seed as a trial
+(the screen first), and use the same pruner, so their teacher generations are what they really
+generated (batch fillers included). ``winner`` is ``same`` or the exact McNemar p of the found
+winner against the exhaustive one on the exhaustive scores (paired, same prompts). ``calls``
+is the mean number of prompts per generation call after the screen, beside its share of the
+batch size. ``speed-up`` is the sequential search's wall time over this one's.
+
+The vLLM rows run in the vLLM environment (a child process of this script, one after the
+other: never two engines at once).
 """
 
 from __future__ import annotations
 
 import argparse
-import random
+import json
+import math
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 
-from flipsearch import Decoding, Evaluator, GenerationCache, load_contexts, load_model
+from flipsearch import (
+    BackendSpec,
+    Decoding,
+    Evaluator,
+    GenerationCache,
+    load_contexts,
+    load_model,
+    load_prompts,
+    make_backend,
+)
 from flipsearch.fliprate import compare
 from flipsearch.grammar import load_grammar
 from flipsearch.leaderboard import Row, rank
-from flipsearch.prompts import builtin_prompts, split_harmful
+from flipsearch.prompts import split_harmful, stratified_order
+from flipsearch.scheduler import Limits, run_trials
 from flipsearch.search import (
     ContextObjective,
     SearchSettings,
@@ -38,113 +62,221 @@ from flipsearch.search import (
     trial_rows,
 )
 
+HERE = Path(__file__).resolve().parent
+COLLECTIONS = {
+    "shipped": ("builtin:harmful", "builtin:benign"),
+    "B": (str(HERE / "collections/b/harmful.jsonl"), str(HERE / "collections/b/benign.jsonl")),
+}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="hf,vllm")
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--limit", type=int, default=48)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--max-benign-refusal", type=float, default=0.5)
+    parser.add_argument("--limit", type=int, default=40, help="prompts of each kind")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--prune-every", type=int, default=8)
-    parser.add_argument(
-        "--work",
-        default=None,
-        help="keep caches here and reuse the student's and the exhaustive one",
-    )
+    parser.add_argument("--max-benign-refusal", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vllm-python", default=str(HERE.parent / ".venv-vllm/bin/python"))
+    parser.add_argument("--work", default=None, help="keep caches here (exhaustive ones reused)")
+    parser.add_argument("--json", default=None, help=argparse.SUPPRESS)  # a child's results
     args = parser.parse_args()
-
-    loaded = load_model(args.model)
-    prompts = builtin_prompts()
-    harmful = [p for p in prompts if p.kind == "harmful"][: args.limit]
-    benign = [p for p in prompts if p.kind == "benign"][: args.limit]
-    search_split, _ = split_harmful(harmful, 0.3, seed=0)
-    contexts = load_contexts()
-    decoding = Decoding(max_new_tokens=args.max_new_tokens)
-    work = Path(args.work or tempfile.mkdtemp(prefix="flipsearch-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    student_cache = work / "student.sqlite"
-    student = Evaluator(loaded, decoding=decoding, cache=GenerationCache(student_cache))
-    student.prefetch([*search_split, *benign], None)
-    student.cache.close()  # type: ignore[union-attr]
-
-    def fresh_evaluator(name: str) -> Evaluator:
-        if name == "exhaustive" and (work / f"{name}.sqlite").exists():
-            return Evaluator(
-                loaded, decoding=decoding, cache=GenerationCache(work / f"{name}.sqlite")
-            )
-        for suffix in ("-wal", "-shm"):  # a stale log beside a fresh copy corrupts it
-            (work / f"{name}.sqlite{suffix}").unlink(missing_ok=True)
-        shutil.copy(student_cache, work / f"{name}.sqlite")
-        return Evaluator(loaded, decoding=decoding, cache=GenerationCache(work / f"{name}.sqlite"))
-
-    print(
-        f"{len(contexts)} candidate contexts, {len(search_split)} search prompts, "
-        f"{len(benign)} benign prompts, {args.max_new_tokens} new tokens, greedy"
-    )
-    started = time.perf_counter()
-    exhaustive = fresh_evaluator("exhaustive")
-    scores = {c.id: exhaustive.score(c, search_split, benign, "search") for c in contexts}
-    rows = rank([Row.of_score(s) for s in scores.values()], args.max_benign_refusal)
-    best = rows[0]["context"]
-    # Exhaustive scoring generates every (context, prompt) pair once; a reused cache (--work)
-    # generated them in an earlier run of this script.
-    full = len(contexts) * (len(search_split) + len(benign))
-    assert exhaustive.generated["teacher"] in (0, full)
-    print(
-        f"exhaustive: {full} teacher generations in {time.perf_counter() - started:.0f} s; "
-        f"winner {best} ({scores[best].flip_rate})"
-    )
-    print(
-        f"{'seed':>4} {'generations':>11} {'share':>6} {'pruned':>6} {'skipped':>7} "
-        f"{'stopped':>7} {'seconds':>7}  "
-        "winner (p vs exhaustive winner)"
-    )
-    shares, same = [], 0
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        started = time.perf_counter()
-        evaluator = fresh_evaluator(f"pruned-{seed}")
-        settings = SearchSettings(
-            len(contexts),
-            None,
-            None,
-            f"bench-{seed}",
-            args.max_benign_refusal,
-            False,
-            "tpe",
-            args.prune_every,
-            0.1,
-            seed,
-        )
-        study, _ = open_study(settings, optuna.storages.InMemoryStorage())
-        order = list(contexts)
-        random.Random(seed).shuffle(order)
-        objective = ContextObjective(
-            evaluator, contexts, load_grammar(), search_split, benign, settings
-        )
-        enqueue_seeds(study, objective.screen(order))
-        study.optimize(objective, n_trials=len(contexts))
-        found = rank(trial_rows(study), args.max_benign_refusal)
-        winner = found[0]["context"]
-        used = evaluator.generated["teacher"]
-        pruned = sum(r["state"] == "pruned" for r in found)
-        skipped = sum(r.get("benign") == "not needed" for r in found)
-        stopped = sum(r.get("benign") == "stopped" for r in found)
-        verdict = "same" if winner == best else f"p={compare(scores[winner], scores[best]):.3g}"
-        shares.append(used / full)
-        same += winner == best
-        print(
-            f"{seed:>4} {used:>11} {used / full:>6.1%} {pruned:>6} {skipped:>7} {stopped:>7} "
-            f"{time.perf_counter() - started:>7.0f}  {winner} ({verdict})"
-        )
-    median = sorted(shares)[len(shares) // 2]
-    print(
-        f"mean share {sum(shares) / len(shares):.1%}, median {median:.1%}, "
-        f"at most a third on {sum(s <= 1 / 3 for s in shares)} of {len(shares)} seeds; "
-        f"same winner on {same} of {len(shares)}"
-    )
+    work = Path(args.work or tempfile.mkdtemp(prefix="flipsearch-search-bench-"))
+    rows: list[dict[str, Any]] = []
+    for backend in args.backends.split(","):
+        if backend == "vllm" and args.json is None:
+            rows += _in_vllm_env(args, work)
+            continue
+        for name in COLLECTIONS:
+            rows += measure(backend, name, args, work / backend / name)
+    if args.json is not None:
+        Path(args.json).write_text(json.dumps(rows))
+        return
+    print_table(rows, args)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _in_vllm_env(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    if not Path(args.vllm_python).is_file():
+        print(f"(no vLLM environment at {args.vllm_python}: vllm rows skipped)")
+        return []
+    out = work / "vllm.json"
+    options = [
+        *("model", "limit", "max_new_tokens", "batch_size", "prune_every"),
+        *("max_benign_refusal", "seed"),
+    ]
+    argv = [
+        x for name in options for x in (f"--{name.replace('_', '-')}", str(getattr(args, name)))
+    ]
+    command = [args.vllm_python, __file__, *argv, "--work", str(work), "--backends", "vllm"]
+    command += ["--json", str(out)]
+    subprocess.run(command, check=True)
+    rows: list[dict[str, Any]] = json.loads(out.read_text())
+    return rows
+
+
+def measure(backend: str, collection: str, args: argparse.Namespace, work: Path) -> list[dict]:
+    """Exhaustive, sequential and concurrent on one collection with one backend."""
+    work.mkdir(parents=True, exist_ok=True)
+    harmful_source, benign_source = COLLECTIONS[collection]
+    harmful = stratified_order(load_prompts(harmful_source, "harmful"), args.seed)[: args.limit]
+    benign = stratified_order(load_prompts(benign_source, "benign"), args.seed)[: args.limit]
+    search_split, _ = split_harmful(harmful, 0.3, seed=args.seed)
+    contexts = load_contexts()
+    spec = BackendSpec(backend)
+    loaded = load_model(args.model, dtype="fp32", weights=spec.needs_weights)
+    generator, _ = make_backend(spec, loaded, args.batch_size)
+    decoding = Decoding(max_new_tokens=args.max_new_tokens)
+
+    def evaluator(name: str) -> Evaluator:
+        return Evaluator(
+            loaded,
+            decoding=decoding,
+            generator=generator,
+            batch_size=args.batch_size,
+            cache=GenerationCache(work / f"{name}.sqlite"),
+        )
+
+    student_cache = work / "student.sqlite"
+    if not student_cache.exists():
+        student = evaluator("student")
+        student.prefetch([*search_split, *benign], None)
+        student.cache.close()  # type: ignore[union-attr]
+    exhaustive = _fresh(work, "exhaustive", keep=True)
+    started = time.perf_counter()
+    scorer = evaluator(exhaustive)
+    # Every (context, prompt) pair in one pass of full batches, then scored from the cache.
+    scorer.prefetch_many([([*search_split, *benign], c) for c in contexts], "exhaustive")
+    scores = {c.id: scorer.score(c, search_split, benign, "search") for c in contexts}
+    exhaustive_s = time.perf_counter() - started
+    best = rank([Row.of_score(s) for s in scores.values()], args.max_benign_refusal)[0]
+    full = len(contexts) * (len(search_split) + len(benign))
+    results = [
+        {
+            "backend": backend,
+            "collection": collection,
+            "method": "exhaustive",
+            "prompts": f"{len(search_split)} search, {len(benign)} benign",
+            "pool": None,
+            "generations": full,
+            "full": full,
+            "winner": best["context"],
+            "p": None,
+            "seconds": exhaustive_s if scorer.generated["teacher"] else None,
+            "calls": None,
+        }
+    ]
+    for method, in_flight, fill in (
+        ("sequential", 1, 1),
+        ("concurrent", math.ceil(args.batch_size / args.prune_every), args.batch_size),
+    ):
+        found = _search(
+            evaluator(_fresh(work, method)),
+            contexts,
+            search_split,
+            benign,
+            args,
+            Limits(len(contexts), in_flight=in_flight, batch_size=fill),
+        )
+        winner = found["winner"]
+        p = None if winner == best["context"] else compare(scores[winner], scores[best["context"]])
+        results.append(
+            {
+                "backend": backend,
+                "collection": collection,
+                "method": method,
+                "full": full,
+                "p": p,
+                **found,
+            }
+        )
+    return results
+
+
+def _fresh(work: Path, name: str, keep: bool = False) -> str:
+    """A cache holding only the student's answers (``keep``: an earlier one is reused)."""
+    path = work / f"{name}.sqlite"
+    if keep and path.exists():
+        return name
+    for suffix in ("", "-wal", "-shm"):  # a stale log beside a fresh copy corrupts it
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    shutil.copy(work / "student.sqlite", path)
+    return name
+
+
+def _search(evaluator: Evaluator, contexts, search_split, benign, args, limits) -> dict:
+    settings = SearchSettings(
+        len(contexts),
+        None,
+        None,
+        "bench",
+        args.max_benign_refusal,
+        False,
+        "tpe",
+        args.prune_every,
+        0.1,
+        args.seed,
+        in_flight=limits.in_flight,
+        batch_size=limits.batch_size,
+    )
+    started = time.perf_counter()
+    objective = ContextObjective(
+        evaluator, contexts, load_grammar(), search_split, benign, settings
+    )
+    storage = optuna.storages.InMemoryStorage()
+    study, _ = open_study(settings, storage)
+    enqueue_seeds(study, objective.screen(contexts))
+    screened = len(evaluator.calls)
+    run_trials(study, storage, objective, limits)
+    seconds = time.perf_counter() - started
+    found = rank(trial_rows(study), args.max_benign_refusal)
+    calls = [n for role, n in evaluator.calls[screened:] if role == "teacher"]
+    return {
+        "prompts": None,
+        "pool": len(objective.pool),
+        "generations": evaluator.generated["teacher"],
+        "winner": found[0]["context"],
+        "pruned": sum(r["state"] == "pruned" for r in found),
+        "seconds": seconds,
+        "calls": sum(calls) / len(calls) if calls else None,
+    }
+
+
+def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print(
+        f"{len(load_contexts())} seed contexts, every one a trial; {args.limit} prompts of "
+        f"each kind per collection (30% of the harmful ones held out); {args.max_new_tokens} "
+        f"new tokens, greedy, fp32; batch size {args.batch_size}, pruning every "
+        f"{args.prune_every} prompts"
+    )
+    header = (
+        f"{'backend':<7} {'collection':<10} {'method':<10} {'teacher gens':>12} "
+        f"{'share':>6} {'seconds':>8} {'speed-up':>8} {'prompts/call':>14}  winner"
+    )
+    print(header)
+    sequential = {
+        (r["backend"], r["collection"]): r["seconds"] for r in rows if r["method"] == "sequential"
+    }
+    for r in rows:
+        if r["method"] == "exhaustive":
+            print(f"{r['backend']:<7} {r['collection']:<10} ({r['prompts']}; winner {r['winner']})")
+        share = r["generations"] / r["full"]
+        seconds = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
+        base = sequential.get((r["backend"], r["collection"]))
+        speed = "-" if r["method"] == "exhaustive" or not base else f"{base / r['seconds']:.2f}x"
+        calls = "-"
+        if r["calls"] is not None:
+            calls = f"{r['calls']:.1f} ({r['calls'] / args.batch_size:.0%})"
+        winner = r["winner"] if r["p"] is None else f"{r['winner']} (McNemar p={r['p']:.3g})"
+        if r["method"] != "exhaustive" and r["p"] is None:
+            winner = "same"
+        print(
+            f"{r['backend']:<7} {r['collection']:<10} {r['method']:<10} {r['generations']:>12} "
+            f"{share:>6.1%} {seconds:>8} {speed:>8} {calls:>14}  {winner}"
+        )
 
 
 if __name__ == "__main__":

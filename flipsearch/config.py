@@ -200,7 +200,37 @@ class SearchConfig:
         ),
     )
     timeout: float | None = field(
-        default=None, metadata=option("Stop starting new trials after this many seconds.", min=0)
+        default=None,
+        metadata=option(
+            "Stop the search after this many seconds: trials in flight go back to the queue "
+            "(a later run resumes them) and the run finishes with the trials done.",
+            min=0,
+        ),
+    )
+    budget_generations: int | None = field(
+        default=None,
+        metadata=option(
+            "Stop the search once its trials used this many teacher generations (cached or "
+            "not), as --timeout stops it.",
+            min=1,
+        ),
+    )
+    trials_in_flight: int = field(
+        default=0,
+        metadata=option(
+            "Trials scored side by side, their prompts sharing generation calls filled to "
+            "--batch-size. 0: enough to fill a batch (batch size / --prune-every); 1: one "
+            "trial at a time.",
+            min=0,
+        ),
+    )
+    halving_rate: int = field(
+        default=3,
+        metadata=option(
+            "Successive halving: at --prune-every x rate^k prompts only the top 1/rate of "
+            "the trials there go on. 1 turns the rungs off (the paired test alone prunes).",
+            min=1,
+        ),
     )
     storage: str | None = field(
         default=None,
@@ -428,6 +458,11 @@ class RunConfig:
             s.prune_every,
             s.p_threshold,
             self.seed,
+            eta=s.halving_rate,
+            in_flight=s.trials_in_flight
+            or max(1, -(-self.backend.batch_size // max(1, s.prune_every))),
+            batch_size=self.backend.batch_size,
+            budget_generations=s.budget_generations,
         )
 
 

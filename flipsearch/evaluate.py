@@ -82,34 +82,103 @@ class Evaluator:
             )
         self.progress = progress
         self.generated = {"student": 0, "teacher": 0}  # prompts actually generated (not cached)
+        self.calls: list[tuple[str, int]] = []  # (role, prompts generated) per generation call
         # One judged prompt per (context, role, prompt): a prompt judged in a search chunk is
         # not judged again when its context is scored on the whole split.
         self._memo: dict[tuple[str | None, str, str, str], Judged] = {}
+        self._answered: set[tuple[str | None, str]] = set()  # (condition, prompt id) generated
 
     def judged(self, prompts: Sequence[Prompt], context: Context | None, role: str) -> list[Judged]:
         """Responses to ``prompts`` (with ``context``, or as the student) and their verdicts."""
+        return self.judged_many([(prompts, context, role)])[0]
+
+    def judged_many(
+        self,
+        needs: Sequence[tuple[Sequence[Prompt], Context | None, str]],
+        also_generate: Sequence[tuple[Sequence[Prompt], Context | None]] = (),
+        what: str = "prompts",
+    ) -> list[list[Judged]]:
+        """Several (prompts, context, role) requests answered with one generation call and one
+        judge call per role; ``also_generate`` adds answers only cached (a batch's filling).
+
+        A concurrent search gathers its trials' chunks here, so the backend sees full batches;
+        answers do not depend on their batch company, so the verdicts are those of one call
+        per request.
+        """
+        missing: dict[tuple[str | None, str, str, str], tuple[Prompt, Context | None]] = {}
+        for prompts, context, role in needs:
+            for prompt in prompts:
+                key = self._key(prompt, context, role)
+                if key not in self._memo:
+                    missing.setdefault(key, (prompt, context))
+        extra = [(p, c) for prompts, c in also_generate for p in prompts]
+        if missing or extra:
+            wanted = [*missing.values(), *extra]
+            self._answered.update(self._answer_key(p, c) for p, c in wanted)
+            rendered = self._render([p for p, _ in wanted], [c for _, c in wanted])
+            contexts = {c.id for _, c in wanted if c is not None}
+            context = next(c for _, c in wanted) if len(contexts) <= 1 else None
+            student = all(c is None for _, c in wanted)
+            responses = self._generate(
+                rendered, context, what, role="student" if student else "teacher"
+            )
+            self._judge_into(list(missing.items()), rendered, responses)
+        return [[self._memo[self._key(p, c, role)] for p in prompts] for prompts, c, role in needs]
+
+    def is_answered(self, prompt: Prompt, context: Context | None) -> bool:
+        """Whether this evaluator already has the answer to ``prompt`` under ``context``
+        (judged, or generated to fill a batch): asking for it generates nothing."""
+        return self._answer_key(prompt, context) in self._answered
+
+    @staticmethod
+    def _answer_key(prompt: Prompt, context: Context | None) -> tuple[str | None, str]:
+        return (None if context is None else f"{context.placement}\n{context.text}", prompt.text)
+
+    @staticmethod
+    def _key(
+        prompt: Prompt, context: Context | None, role: str
+    ) -> tuple[str | None, str, str, str]:
         condition = None if context is None else f"{context.placement}\n{context.text}"
-        keys = [(condition, role, p.id, p.text) for p in prompts]
-        missing = list(
-            {k: p for k, p in zip(keys, prompts, strict=True) if k not in self._memo}.items()
-        )
-        if missing:
-            todo = [p for _, p in missing]
-            rendered = self.renderer.render_all([p.text for p in todo], context)
-            responses = self._generate(rendered, context, f"{role} prompts")
+        return (condition, role, prompt.id, prompt.text)
+
+    def _render(self, prompts: Sequence[Prompt], contexts: Sequence[Context | None]) -> list[str]:
+        """Rendered prompts in the given order, rendering each context's prompts together."""
+        rendered: list[str] = [""] * len(prompts)
+        groups: dict[int, list[int]] = {}
+        for i, context in enumerate(contexts):
+            groups.setdefault(id(context), []).append(i)
+        for indices in groups.values():
+            texts = self.renderer.render_all(
+                [prompts[i].text for i in indices], contexts[indices[0]]
+            )
+            for i, text in zip(indices, texts, strict=True):
+                rendered[i] = text
+        return rendered
+
+    def _judge_into(
+        self,
+        items: Sequence[tuple[tuple[str | None, str, str, str], tuple[Prompt, Context | None]]],
+        rendered: Sequence[str],
+        responses: Sequence[list[Generation]],
+    ) -> None:
+        """Judge the first ``len(items)`` responses (one call per role) into the memo."""
+        by_role: dict[str, list[int]] = {}
+        for i, (key, _) in enumerate(items):
+            by_role.setdefault(key[1], []).append(i)
+        n = self.decoding.samples
+        for role, indices in by_role.items():
             judge = self.judge if role == "safety" else self.refusal_judge
             scope = self.scope if role == "safety" else "answer"
-            texts = [p.text for p, samples in zip(todo, responses, strict=True) for _ in samples]
-            splits = [self.format.split(g.text) for samples in responses for g in samples]
-            generations = [g for samples in responses for g in samples]
+            texts = [items[i][1][0].text for i in indices for _ in range(n)]
+            generations = [g for i in indices for g in responses[i]]
+            splits = [self.format.split(g.text) for g in generations]
             verdicts = judge_scoped(judge, scope, texts, generations, splits)
-            n = self.decoding.samples
-            for i, ((key, prompt), text, samples) in enumerate(
-                zip(missing, rendered, responses, strict=True)
-            ):
-                part = slice(i * n, (i + 1) * n)
-                self._memo[key] = Judged(prompt, text, list(samples), verdicts[part], splits[part])
-        return [self._memo[key] for key in keys]
+            for j, i in enumerate(indices):
+                part = slice(j * n, (j + 1) * n)
+                key, (prompt, _) = items[i]
+                self._memo[key] = Judged(
+                    prompt, rendered[i], list(responses[i]), verdicts[part], splits[part]
+                )
 
     def prefetch(self, prompts: Sequence[Prompt], context: Context | None) -> None:
         """Generate every uncached response for ``prompts`` in one pass (fuller batches)."""
@@ -146,6 +215,8 @@ class Evaluator:
             on_progress=(lambda n: self.progress.advance(task, n)) if task is not None else None,
         )
         self.generated[role] += generated
+        if generated:
+            self.calls.append((role, generated))
         if task is not None:
             self.progress.remove_task(task)
         return responses

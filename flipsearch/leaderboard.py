@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from flipsearch.contexts import Context
-from flipsearch.fliprate import ContextScore, Rate, compare, paired_test
+from flipsearch.fliprate import ContextScore, Judged, Rate, compare, paired_test
 
 RATES = ("flip_rate", "absolute_flip_rate", "unflip_rate", "benign_refusal")
 
@@ -34,13 +34,15 @@ class Row(Mapping[str, Any]):
     state: str  # complete | pruned
     outcomes: dict[str, float]  # per-prompt flips on the student-unsafe pool (paired tests)
     rates: dict[str, Rate]  # flip_rate always; the others when measured
-    benign: str = "none"  # measured | stopped (surely over the limit) | not needed | none
+    # measured | stopped (surely over the limit) | not needed | partial (pruned) | none
+    benign: str = "none"
     invalid: int | None = None
     unfinished: int | None = None  # teacher answers that never came (reasoning models)
     trial: int | None = None
     source: str | None = None  # seed | grammar | proposer
     teacher_generations: int | None = None
     pareto: bool | None = None
+    pruned_by: str | None = None  # which rule stopped a pruned trial, in words
     _flat: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     @classmethod
@@ -59,11 +61,21 @@ class Row(Mapping[str, Any]):
         )
 
     @classmethod
-    def pruned(cls, context: Context, outcomes: dict[str, float], pool: float) -> Row:
-        """A context stopped by the pruner: its flips on the prompts it was scored on."""
-        return cls(
-            context, "pruned", outcomes, {"flip_rate": Rate.of(sum(outcomes.values()), pool)}
-        )
+    def pruned(
+        cls,
+        context: Context,
+        outcomes: dict[str, float],
+        pool: float,
+        benign: Sequence[Judged] = (),
+        benign_state: str = "partial",
+    ) -> Row:
+        """A context stopped by the pruner: its flips on the prompts it was scored on, and its
+        refusals on the benign prompts it had been measured on (a context that led), ``stopped``
+        when that is what stopped it."""
+        rates = {"flip_rate": Rate.of(sum(outcomes.values()), pool)}
+        if benign:
+            rates["benign_refusal"] = Rate.of(sum(j.refusal_share for j in benign), len(benign))
+        return cls(context, "pruned", outcomes, rates, benign=benign_state if benign else "none")
 
     @property
     def flip_rate(self) -> float | None:
@@ -107,6 +119,10 @@ class Row(Mapping[str, Any]):
                 data.update(rate.columns(name))
             if self.state == "complete":
                 data.update(benign=self.benign, invalid=self.invalid, unfinished=self.unfinished)
+            else:
+                data.update(pruned_by=self.pruned_by)
+                if self.benign != "none":
+                    data.update(benign=self.benign)
             for name in ("trial", "source", "teacher_generations", "pareto"):
                 data[name] = getattr(self, name)
             self._flat = {k: _json_safe(v) for k, v in data.items()}
@@ -137,6 +153,7 @@ class Row(Mapping[str, Any]):
             source=data.get("source"),
             teacher_generations=data.get("teacher_generations"),
             pareto=data.get("pareto"),
+            pruned_by=data.get("pruned_by"),
         )
 
     def __getitem__(self, key: str) -> Any:

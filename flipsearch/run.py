@@ -41,10 +41,10 @@ from flipsearch.prompts import Prompt, check_prompt_lengths, split_three
 from flipsearch.proposer import Proposer
 from flipsearch.reasoning import ReasoningSettings, ReasoningSplit
 from flipsearch.rundir import SETTINGS_FILE, bind, run_settings
+from flipsearch.scheduler import Limits, ProgressMonitor, run_trials, spent_generations
 from flipsearch.scoring import analyse_context
 from flipsearch.search import (
     ContextObjective,
-    TrialInterrupted,
     enqueue_seeds,
     finished_trials,
     open_storage,
@@ -52,10 +52,8 @@ from flipsearch.search import (
     recover_stale_trials,
     redacted_url,
     register_worker,
-    requeue,
     seeding_unfinished,
     study_exists,
-    trial_line,
     trial_rows,
 )
 from flipsearch.session import PromptSource, Session
@@ -295,6 +293,14 @@ def _measure(
         rows, study_info = _search(
             config, session, evaluator, candidates, splits, progress, grammar
         )
+        stopped = study_info["study"].get("stopped")
+        if stopped and not any(r.state == "complete" for r in rows):
+            flag = "--budget-generations" if stopped == "budget" else "--timeout"
+            raise FlipsearchError(
+                f"the search stopped ({flag}) before any trial was complete, so there is no "
+                "winner yet; run the same command with a larger limit (the trials in flight "
+                "resume on their cached answers)"
+            )
     limit = config.selection.max_benign_refusal
     ranked = rank(rows, limit)
     finalists = [r.context for r in ranked if r.state == "complete"][: config.selection.top_k]
@@ -632,15 +638,7 @@ def _search(
     """Run (or resume, or join) the study; returns its rows and facts for run.json."""
     settings = config.search_settings()
     storage = open_storage(settings.storage, Path(config.out))
-    objective = ContextObjective(
-        evaluator,
-        seeds,
-        grammar,
-        splits.search,
-        splits.benign,
-        settings,
-        on_trial=lambda trial: _trial_done(progress, task, trial, study, settings.trials),
-    )
+    objective = ContextObjective(evaluator, seeds, grammar, splits.search, splits.benign, settings)
     study = open_study(settings, storage)[0] if study_exists(storage, settings.study) else None
     unseeded = study is None or seeding_unfinished(study)
     order = seeds
@@ -658,30 +656,47 @@ def _search(
             f"resuming: {recovered} trial(s) interrupted by a kill run again first, "
             "on the answers cached before it"
         )
-    task = progress.add_task(
-        "search trials",
-        total=settings.trials,
-        completed=min(finished_trials(study), settings.trials),
-    )
     proposer = _proposer(config, session)
-    deadline = None if settings.timeout is None else time.time() + settings.timeout
-    try:
-        while finished_trials(study) < settings.trials:
-            if deadline is not None and time.time() >= deadline:
-                break
-            if proposer is not None:
-                _maybe_propose(proposer, study, config.search.propose_every, config.seed)
-            study.optimize(objective, n_trials=1, catch=())
-    except TrialInterrupted as stop:
-        requeue(study, storage, stop.number)  # the next run starts with it
-        raise KeyboardInterrupt from None
+    limits = Limits(
+        trials=settings.trials,
+        in_flight=settings.in_flight,
+        batch_size=max(1, settings.batch_size // evaluator.decoding.samples),
+        budget_generations=settings.budget_generations,
+        deadline=None if settings.timeout is None else time.time() + settings.timeout,
+    )
+    monitor = ProgressMonitor(progress, study, settings.trials, len(objective.pool))
+    stopped = run_trials(
+        study,
+        storage,
+        objective,
+        limits,
+        monitor,
+        before_ask=None
+        if proposer is None
+        else lambda: _maybe_propose(proposer, study, config.search.propose_every, config.seed),
+    )
+    if stopped is not None:
+        progress.console.print(_stop_message(stopped, study, settings), highlight=False)
     rows = trial_rows(study)
-    return rows, _study_info(settings, study, rows, recovered, grammar.size())
+    info = _study_info(settings, study, rows, recovered, grammar.size())
+    info["study"].update(
+        stopped=stopped,
+        trials_in_flight=limits.in_flight,
+        teacher_generations=spent_generations(study, [], evaluator.decoding.samples),
+    )
+    return rows, info
 
 
-def _trial_done(progress: Any, task: Any, trial: Any, study: Any, trials: int) -> None:
-    progress.console.print(trial_line(trial), highlight=False)
-    progress.update(task, completed=min(finished_trials(study) + 1, trials))
+def _stop_message(stopped: str, study: Any, settings: Any) -> str:
+    why = (
+        f"the budget of {settings.budget_generations} teacher generations is spent"
+        if stopped == "budget"
+        else f"the {settings.timeout:g} s timeout passed"
+    )
+    return (
+        f"search stopped: {why}, after {finished_trials(study)} finished trial(s); trials in "
+        "flight went back to the queue, and running the same command again resumes them"
+    )
 
 
 def _proposer(config: RunConfig, session: Session) -> Proposer | None:

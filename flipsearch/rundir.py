@@ -77,6 +77,7 @@ def run_settings(
                 "multi objective": search.multi_objective,
                 "prune every": search.prune_every,
                 "p threshold": search.p_threshold,
+                "halving rate": search.halving_rate,
                 "proposer": search.proposer,
                 "propose every": search.propose_every,
             }

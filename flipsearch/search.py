@@ -1,11 +1,13 @@
 """Context search with Optuna: one trial scores one context.
 
 Seeds from the library are enqueued first; then TPE (multivariate, grouped, so the grammar's
-conditional branches work) composes contexts from the grammar; optionally a proposer model
-rewrites the best contexts so far. A trial scores its context prompt by prompt over the
-student-unsafe pool in a shuffled order and reports each prompt's flip with the prompt's pool
-index as the step, so ``WilcoxonPruner`` compares it with the best trial on the same prompts
-and stops hopeless contexts early. Pruned trials keep their partial counts.
+conditional branches work; constant liar, so trials in flight are not drawn twice) composes
+contexts from the grammar; optionally a proposer model rewrites the best contexts so far. A
+trial scores its context chunk by chunk over the student-unsafe pool in one shared order and
+reports each prompt's flip with the prompt's place in the search split as the step, so
+``pruning.RungPruner`` compares it with other trials on the same prompts and stops hopeless
+contexts early. Pruned trials keep their partial counts. ``scheduler`` runs many trials side
+by side, serving their chunks in shared generation calls.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import random
 import socket
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +34,7 @@ from flipsearch.fliprate import ContextScore, Judged, PairedOutcome, Rate
 from flipsearch.grammar import Grammar
 from flipsearch.leaderboard import Row
 from flipsearch.prompts import Prompt, stratified_order
+from flipsearch.pruning import INFEASIBLE, RungPruner, leader
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -50,6 +53,10 @@ class SearchSettings:
     prune_every: int
     p_threshold: float
     seed: int
+    eta: int = 3  # successive halving keeps the top 1/eta at each rung (1: no rungs)
+    in_flight: int = 1  # trials scored side by side, sharing generation calls
+    batch_size: int = 64  # the prompts one generation call is filled to
+    budget_generations: int | None = None  # teacher generations after which the search stops
 
 
 def open_storage(url: str | None, out: Path) -> Any:
@@ -189,7 +196,7 @@ def open_study(settings: SearchSettings, storage: Any) -> tuple[optuna.Study, bo
     pruner: optuna.pruners.BasePruner = (
         optuna.pruners.NopPruner()
         if settings.multi_objective
-        else optuna.pruners.WilcoxonPruner(p_threshold=settings.p_threshold)
+        else RungPruner(MEAN_STEP, settings.prune_every, settings.p_threshold, settings.eta)
     )
     directions: list[Literal["maximize", "minimize"]] = (
         ["maximize", "minimize"] if settings.multi_objective else ["maximize"]
@@ -234,7 +241,9 @@ class PerTrialSeedSampler(optuna.samplers.BaseSampler):
             self._samplers[number] = (
                 optuna.samplers.NSGAIISampler(seed=seed)
                 if self.kind == "nsga2"
-                else optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+                else optuna.samplers.TPESampler(
+                    seed=seed, multivariate=True, group=True, constant_liar=True
+                )
             )
         return self._samplers[number]
 
@@ -320,6 +329,11 @@ def requeue(study: optuna.Study, storage: Any, number: int) -> None:
     study_id = storage.get_study_id_from_name(study.study_name)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, number)
     storage.set_trial_state_values(trial_id, TrialState.WAITING)
+    # Optuna's in-memory storage looks for waiting trials only from the first it last saw (a
+    # trial never goes back to the queue in Optuna's own use); point it back at this one.
+    first_waiting = getattr(storage, "_prev_waiting_trial_number", None)
+    if isinstance(first_waiting, dict) and study_id in first_waiting:
+        first_waiting[study_id] = min(first_waiting[study_id], number)
 
 
 def _alive(pid: int) -> bool:
@@ -336,8 +350,53 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+MEAN_STEP = 1_000_000  # a pruned trial's running mean is reported here, past every prompt
+CHECK = "check"  # a trial yields this between reporting a chunk and asking to be pruned
+
+
+@dataclass(frozen=True)
+class Need:
+    """Answers a trial waits for: ``prompts`` under ``context``, judged in ``role``."""
+
+    prompts: tuple[Prompt, ...]
+    context: Context
+    role: str
+
+
+Step = Generator["list[Need] | str", None, "float | tuple[float, float]"]
+
+
+@dataclass
+class Flight:
+    """One trial in flight: what it measured so far and the steps still to run."""
+
+    trial: optuna.Trial
+    context: Context
+    steps: Step
+    used: set[tuple[str, str]] = field(default_factory=set)  # (role, prompt id) it used
+    outcomes: dict[str, float] = field(default_factory=dict)
+    pool_size: float = 0.0
+    benign: list[Judged] = field(default_factory=list)
+    waiting: list[Need] | str | None = None  # what the next call must serve
+
+    @property
+    def flips(self) -> float:
+        return sum(self.outcomes.values())
+
+    @property
+    def teacher_generations(self) -> int:
+        return len(self.used)
+
+
 class ContextObjective:
-    """The Optuna objective: compose or pick a context, score it with paired pruning."""
+    """Compose or pick a context per trial and score it with paired pruning, as a sequence of
+    steps that wait for answers (``Need``), so many trials can share generation calls.
+
+    Every trial meets the student-unsafe pool in one shared, category-stratified order: after
+    k chunks all trials have been scored on the same prompts, so pruning compares them paired,
+    whether the trial compared with is complete or still in flight. The objective is also a
+    plain callable for ``study.optimize`` (one trial at a time).
+    """
 
     def __init__(
         self,
@@ -361,14 +420,18 @@ class ContextObjective:
         self.step_of = {p.id: i for i, p in enumerate(self.search_split)}
         self.settings = settings
         self.on_trial = on_trial
-        self.used: set[tuple[str, str]] = set()  # (role, prompt id) the current trial used
         self.student = {j.prompt.id: j for j in evaluator.judged(self.search_split, None, "safety")}
-        self.pool = [p for p in self.search_split if (self.student[p.id].unsafe_share or 0) > 0]
-        if not self.pool:
+        pool = [p for p in self.search_split if (self.student[p.id].unsafe_share or 0) > 0]
+        if not pool:
             raise FlipsearchError(
                 "the student is safe on every search prompt: there is nothing to flip "
                 "(try more or other harmful prompts, or a less aligned model)"
             )
+        self.pool = stratified_order(pool, settings.seed)
+
+    @property
+    def chunk(self) -> int:
+        return max(1, self.settings.prune_every)
 
     def context_for(self, trial: optuna.Trial) -> Context:
         seed_id = trial.user_attrs.get("seed_id")
@@ -381,7 +444,8 @@ class ContextObjective:
             return Context.from_dict(proposed, f"trial {trial.number}", family="proposer")
         return self.grammar.suggest(trial)
 
-    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+    def start(self, trial: optuna.Trial) -> Flight:
+        """The trial's context chosen and its steps ready to run (nothing generated yet)."""
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         context = self.context_for(trial)
         source = (
@@ -390,127 +454,195 @@ class ContextObjective:
             else ("proposer" if "proposed" in trial.user_attrs else "grammar")
         )
         trial.set_user_attr("source", source)
-        self.used = set()
+        flight = Flight(trial, context, iter(()))  # type: ignore[arg-type]
+        flight.steps = self._score(flight)
+        return flight
+
+    def finish(self, flight: Flight) -> None:
+        """Record what the trial cost in teacher answers, whether generated now, by the screen,
+        or before a kill: the same figure for a resumed run as for an uninterrupted one."""
+        needed = flight.teacher_generations * self.evaluator.decoding.samples
+        flight.trial.set_user_attr("teacher_generations", needed)
+        if self.on_trial is not None:
+            self.on_trial(flight.trial)
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        """Run one trial to its end, alone (``study.optimize``)."""
+        flight = self.start(trial)
         try:
             with warnings.catch_warnings():
                 # A resumed trial reports its first steps again (same prompts, same answers).
                 warnings.filterwarnings("ignore", message="The reported value is ignored")
-                return self._score(trial, context)
+                while True:
+                    try:
+                        waiting = flight.steps.send(None)
+                    except StopIteration as done:
+                        return done.value
+                    if isinstance(waiting, list):
+                        self.evaluator.judged_many(
+                            [(n.prompts, n.context, n.role) for n in waiting]
+                        )
         except KeyboardInterrupt:
             raise TrialInterrupted(trial.number) from None
         finally:
-            # What the trial cost in teacher answers, whether generated now, by the seed screen,
-            # or before a kill: the same figure for a resumed run as for an uninterrupted one.
-            needed = len(self.used) * self.evaluator.decoding.samples
-            trial.set_user_attr("teacher_generations", needed)
-            if self.on_trial is not None:
-                self.on_trial(trial)
+            self.finish(flight)
 
-    def _judged(self, prompts: Sequence[Prompt], context: Context, role: str) -> list[Judged]:
-        self.used.update((role, p.id) for p in prompts)
-        return self.evaluator.judged(prompts, context, role)
-
-    def _scored(self, context: Context, benign: Sequence[Prompt]) -> ContextScore:
-        self.used.update(("safety", p.id) for p in self.search_split)
-        self.used.update(("refusal", p.id) for p in benign)
-        return self.evaluator.score(context, self.search_split, benign, "search")
-
-    def prompt_order(self, context: Context) -> list[int]:
-        """The order a context meets the pool in: shuffled per context (and run seed), so a
-        re-run or re-queued trial of the same context asks for the same, cached, prompts."""
-        order = list(range(len(self.pool)))
-        random.Random(f"{self.settings.seed}:{context.id}").shuffle(order)
-        return order
+    def lookahead(self, flight: Flight) -> list[Need]:
+        """What the trial will ask for next if it is not pruned (a batch's filling): the rest
+        of the pool in its order, then the benign prompts not yet judged."""
+        rest = [p for p in self.pool if ("safety", p.id) not in flight.used]
+        benign = [p for p in self.benign if ("refusal", p.id) not in flight.used]
+        return [
+            Need(tuple(rest), flight.context, "safety"),
+            Need(tuple(benign), flight.context, "refusal"),
+        ]
 
     def screen(self, contexts: Sequence[Context]) -> list[Context]:
-        """Contexts ordered by their flips on the first chunk of their own prompt order.
+        """Contexts ordered by their flips on the pool's first chunk.
 
         Every trial generates that chunk before its first pruning check anyway; generating the
         seeds' chunks up front, in one set of full batches, costs nothing extra and lets the
-        strongest seeds run first, so the others are pruned against them after one chunk
-        (successive halving's first rung, in the study's queue). Ties keep the given order.
+        strongest seeds run first, so the others are pruned against them after one chunk.
+        Ties keep the given order.
         """
-        step = max(1, self.settings.prune_every)
-        chunks = {c.id: [self.pool[i] for i in self.prompt_order(c)[:step]] for c in contexts}
-        self.evaluator.prefetch_many(
-            [(chunks[c.id], c) for c in contexts], f"prompts to screen {len(contexts)} seeds"
+        chunk = self.pool[: self.chunk]
+        judged = self.evaluator.judged_many(
+            [(chunk, c, "safety") for c in contexts],
+            what=f"prompts to screen {len(contexts)} seeds",
         )
-        flips = {}
-        for context in contexts:
-            teacher = self.evaluator.judged(chunks[context.id], context, "safety")
-            flips[context.id] = sum(
-                PairedOutcome(self.student[j.prompt.id], j).flip for j in teacher
-            )
+        flips = {
+            c.id: sum(PairedOutcome(self.student[j.prompt.id], j).flip for j in teacher)
+            for c, teacher in zip(contexts, judged, strict=True)
+        }
         return sorted(contexts, key=lambda c: -flips[c.id])
 
-    def _score(self, trial: optuna.Trial, context: Context) -> float | tuple[float, float]:
-        order = self.prompt_order(context)
-        outcomes: dict[str, float] = {}
-        pool_size = 0.0
-        step = max(1, self.settings.prune_every)
-        for start in range(0, len(order), step):
-            chunk = [self.pool[i] for i in order[start : start + step]]
-            teacher = self._judged(chunk, context, "safety")
+    def _answers(
+        self, flight: Flight, prompts: Sequence[Prompt], role: str
+    ) -> Generator[list[Need], None, list[Judged]]:
+        """Wait for ``prompts``' answers under the trial's context, then read them."""
+        flight.used.update((role, p.id) for p in prompts)
+        if prompts:
+            yield [Need(tuple(prompts), flight.context, role)]
+        return self.evaluator.judged(prompts, flight.context, role)
+
+    def _score(self, flight: Flight) -> Step:
+        trial, context = flight.trial, flight.context
+        multi = self.settings.multi_objective
+        for start in range(0, len(self.pool), self.chunk):
+            chunk = self.pool[start : start + self.chunk]
+            teacher = yield from self._answers(flight, chunk, "safety")
             for prompt, judged in zip(chunk, teacher, strict=True):
                 student = self.student[prompt.id]
                 flip = PairedOutcome(student, judged).flip
-                outcomes[prompt.id] = flip
-                pool_size += student.unsafe_share or 0.0
-                if not self.settings.multi_objective:
+                flight.outcomes[prompt.id] = flip
+                flight.pool_size += student.unsafe_share or 0.0
+                if not multi:
                     trial.report(flip, step=self.step_of[prompt.id])
-            if not self.settings.multi_objective and trial.should_prune():
-                # TPE ranks a pruned trial by its last reported value: make that its running
-                # mean (Optuna's advice for WilcoxonPruner), at a step past every prompt's.
-                row = Row.pruned(context, outcomes, pool_size)
-                trial.report(row.flip_rate or 0.0, step=len(self.search_split))
-                trial.set_user_attr("row", row.to_dict())
+            if multi:
+                continue
+            yield CHECK  # every trial of the round has reported: pruning sees them all
+            if trial.should_prune():
+                self._record_pruned(flight)
                 raise optuna.TrialPruned()
-        if self.settings.multi_objective:
-            score = self._scored(context, self.benign)
+            if self._leads(flight):
+                share = (start + len(chunk)) / len(self.pool)
+                infeasible = yield from self._benign_until(flight, share)
+                if infeasible:
+                    self._record_pruned(flight, benign_over=True)
+                    raise optuna.TrialPruned()
+        yield from self._answers(flight, self.search_split, "safety")
+        score = self.evaluator.score(context, self.search_split, [], "search")
+        if multi:
+            score.benign = yield from self._answers(flight, self.benign, "refusal")
             trial.set_user_attr("row", Row.of_score(score).to_dict())
             return score.flip_rate.value, (score.benign_refusal.value if self.benign else 0.0)
-        score = self._scored(context, [])
+        return (yield from self._complete(flight, score))
+
+    def _complete(self, flight: Flight, score: ContextScore) -> Step:
+        trial = flight.trial
         flip_rate = score.flip_rate.value
         best = best_feasible_value(trial.study)
         if self.benign and best is not None and flip_rate < best:
             # It cannot win: a complete, feasible trial flips more on the same prompts, so its
-            # benign refusal would change nothing. Left unmeasured (and unconstrained).
+            # benign refusal would change nothing. Left unconstrained.
+            score.benign = flight.benign
             trial.set_user_attr("row", Row.of_score(score, benign="not needed").to_dict())
             return flip_rate
-        score.benign, stopped = self._benign_refusals(context)
+        stopped = yield from self._benign_until(flight, 1.0)
+        score.benign = flight.benign
         benign = "stopped" if stopped else "measured"
         trial.set_user_attr("row", Row.of_score(score, benign=benign).to_dict())
         refusal = score.benign_refusal.value if self.benign else 0.0
-        # <= 0 is feasible; TPE prefers feasible contexts.
+        # <= 0 is feasible; the best trial and the pruner's contenders are feasible ones.
         trial.set_constraint("benign_refusal", refusal - self.settings.max_benign_refusal)
         return flip_rate
 
-    def _benign_refusals(self, context: Context) -> tuple[list[Judged], bool]:
-        """Benign answers judged in chunks, stopping once the limit is surely exceeded.
+    def _leads(self, flight: Flight) -> bool:
+        """No contender flips more on the prompts this trial has been scored on: it may win,
+        so its benign refusal is measured alongside (and can stop it early)."""
+        if not self.benign:
+            return False
+        steps = {self.step_of[pid]: flip for pid, flip in flight.outcomes.items()}
+        best = leader(flight.trial.study, steps, flight.trial.number)
+        return best is None or best[1] <= flight.flips
 
-        "Surely" is the Wilson 95% lower bound above ``max_benign_refusal``; the partial count
-        is kept, so the leaderboard shows on how many prompts the context was stopped.
-        """
-        judged: list[Judged] = []
-        step = max(1, 2 * self.settings.prune_every)
-        for start in range(0, len(self.benign), step):
-            judged += self._judged(self.benign[start : start + step], context, "refusal")
-            rate = Rate.of(sum(j.refusal_share for j in judged), len(judged))
-            if len(judged) < len(self.benign) and rate.low > self.settings.max_benign_refusal:
-                return judged, True
-        return judged, False
+    def _benign_until(self, flight: Flight, share: float) -> Generator[list[Need], None, bool]:
+        """Benign answers judged up to ``share`` of the benign set, in chunks of twice the
+        pruning step, stopping once the limit is surely exceeded (the Wilson 95% lower bound
+        above ``max_benign_refusal``); returns whether it stopped. The partial count is kept,
+        so the leaderboard shows on how many prompts the context was stopped."""
+        target = min(len(self.benign), max(2 * self.chunk, round(share * len(self.benign))))
+        while len(flight.benign) < target:
+            start = len(flight.benign)
+            more = self.benign[start : min(target, start + 2 * self.chunk)]
+            flight.benign += yield from self._answers(flight, more, "refusal")
+            rate = Rate.of(sum(j.refusal_share for j in flight.benign), len(flight.benign))
+            if (
+                len(flight.benign) < len(self.benign)
+                and rate.low > self.settings.max_benign_refusal
+            ):
+                flight.trial.set_user_attr(INFEASIBLE, True)
+                return True
+        return False
+
+    def _record_pruned(self, flight: Flight, benign_over: bool = False) -> None:
+        """The partial row; TPE ranks a pruned trial by its last reported value, so that is its
+        running mean (Optuna's advice for the Wilcoxon pruner), at a step past every prompt."""
+        row = Row.pruned(
+            flight.context,
+            flight.outcomes,
+            flight.pool_size,
+            flight.benign,
+            "stopped" if benign_over else "partial",
+        )
+        if benign_over:
+            refusal = row.benign_refusal or 0.0
+            flight.trial.set_constraint(
+                "benign_refusal", refusal - self.settings.max_benign_refusal
+            )
+        reason = getattr(flight.trial.study.pruner, "reason", {}).get(flight.trial.number)
+        row.pruned_by = "benign refusal surely over the limit" if benign_over else reason
+        flight.trial.report(row.flip_rate or 0.0, step=MEAN_STEP)
+        flight.trial.set_user_attr("row", row.to_dict())
+
+
+def best_feasible_trial(study: optuna.Study) -> Any:
+    """The complete trial with the highest flip rate whose benign refusal is within the limit
+    (a ``FrozenTrial``, or None)."""
+    feasible = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.constraints  # measured: not a trial that skipped the benign prompts
+        and all(v <= 0 for v in t.constraints.values())
+        and t.value is not None
+    ]
+    return max(feasible, key=lambda t: (t.value, -t.number), default=None)
 
 
 def best_feasible_value(study: optuna.Study) -> float | None:
     """The highest flip rate among complete trials whose benign refusal is within the limit."""
-    values = [
-        t.value
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if t.value is not None
-        and t.constraints  # measured: not a trial that skipped the benign prompts
-        and all(v <= 0 for v in t.constraints.values())
-    ]
-    return max(values, default=None)
+    best = best_feasible_trial(study)
+    return None if best is None else float(best.value)
 
 
 def enqueue_seeds(study: optuna.Study, seeds: Sequence[Context]) -> None:

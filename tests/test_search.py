@@ -16,6 +16,7 @@ from flipsearch import Context, Decoding, Evaluator, Generation, Prompt, RunConf
 from flipsearch.grammar import load_grammar
 from flipsearch.leaderboard import rank as rank_rows
 from flipsearch.search import (
+    MEAN_STEP,
     ContextObjective,
     SearchSettings,
     enqueue_seeds,
@@ -125,9 +126,9 @@ def test_benign_refusal_constraint_is_recorded(tiny_model, tmp_path):
 def test_benign_refusal_is_measured_only_where_it_can_change_the_winner(tiny_model, tmp_path):
     benign = [Prompt(f"b{i}", "benign", "c", f"benign request {i}") for i in range(32)]
     # "paranoid" flips as much as "strong" but refuses every benign prompt; the weak contexts
-    # run to completion (no pruning) and can no longer win once "strong" ran.
+    # run to completion (no pruning: no test, no rungs) and cannot win once "strong" ran.
     seeds = [SEEDS[2], SEEDS[0], SEEDS[1], SEEDS[3]]
-    study, rows, _ = _search(tiny_model, tmp_path, seeds, benign, p_threshold=0.0)
+    study, rows, _ = _search(tiny_model, tmp_path, seeds, benign, p_threshold=0.0, eta=1)
     assert rows["weak0"]["benign"] == "measured"  # first: nothing to compare with yet
     assert rows["weak0"]["benign_refusal_n"] == 32
     assert rows["strong"]["benign"] == "measured" and rows["strong"]["benign_refusal"] == 0.0
@@ -219,6 +220,8 @@ def _two_workers(tiny_model_dir, tmp_path, storage, study):
                     storage,
                     "--study",
                     study,
+                    "--trials-in-flight",
+                    "4",
                 )
             ),
             stdout=subprocess.PIPE,
@@ -328,7 +331,7 @@ def test_a_pruned_trial_reports_its_running_mean_last(tiny_model, tmp_path):
     assert pruned
     for trial in pruned:
         last = max(trial.intermediate_values)
-        assert last == len(HARMFUL)  # past the search split's indices 0..n-1
+        assert last == MEAN_STEP > len(HARMFUL)  # past the search split's indices 0..n-1
         row = rows[trial.user_attrs["row"]["context"]]
         assert trial.intermediate_values[last] == pytest.approx(row["flip_rate"])
 

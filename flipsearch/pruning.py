@@ -1,0 +1,126 @@
+"""The search's pruner: paired comparisons on shared prompts, against contenders, in rungs.
+
+Every trial meets the student-unsafe pool in one shared order, so after k chunks any two trials
+have been scored on the same prompts, whether they are complete or still in flight. A trial is
+stopped at a pruning check when
+
+- a paired Wilcoxon test on those prompts says it flips less than the best *contender* (a
+  trial that is not known to break the benign-refusal limit: complete and feasible, or still
+  in flight and not yet shown to be over it), or
+- at a rung of successive halving (``chunk * eta``, ``chunk * eta**2`` ... prompts) it is not
+  in the top ``1/eta`` of the trials that reached the rung (measured on the same prompts, so
+  this, too, is a paired comparison).
+
+Why both: on prompt sets the project had never seen, many weak contexts sat close to the best,
+where a significance test keeps them to the end; and contexts that broke the benign limit were
+the best trials the test compared against (or, before one finished, there was nothing to
+compare with, so nothing was pruned). Rungs prune near-ties at a bounded cost (a context within
+noise of the best is not significantly worse if it is the one kept); contenders keep a context
+the benign limit rules out from setting the bar.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import optuna
+import scipy.stats as ss
+from optuna.trial import FrozenTrial, TrialState
+
+INFEASIBLE = "infeasible"  # user attr: the trial's benign refusal is surely over the limit
+
+
+def rung_sizes(chunk: int, eta: int, pool: int) -> list[int]:
+    """The prompt counts at which successive halving ranks trials: chunk*eta, chunk*eta**2, ...
+    below ``pool``. The first chunk is no rung: the seed screen measured it for every seed and
+    ran them strongest first, so ranking there would prune all but the first few."""
+    sizes: list[int] = []
+    size = chunk * eta
+    while size < pool and eta > 1:
+        sizes.append(size)
+        size *= eta
+    return sizes
+
+
+def scored(trial: FrozenTrial, mean_step: int) -> dict[int, float]:
+    """A trial's per-prompt flips (``mean_step``, past every prompt, holds a pruned trial's
+    running mean)."""
+    return {s: v for s, v in trial.intermediate_values.items() if s < mean_step}
+
+
+def is_contender(trial: FrozenTrial) -> bool:
+    """Could still win: not pruned, not failed, and not shown to break the benign limit."""
+    if trial.user_attrs.get(INFEASIBLE):
+        return False
+    if trial.state == TrialState.COMPLETE:
+        return all(v <= 0 for v in trial.constraints.values())
+    return trial.state == TrialState.RUNNING
+
+
+def on_same_prompts(
+    trials: Iterable[FrozenTrial], steps: Mapping[int, float], skip: int
+) -> list[tuple[FrozenTrial, float]]:
+    """The trials scored on every one of ``steps``, with their flips summed over them."""
+    found = []
+    for other in trials:
+        if other.number == skip:
+            continue
+        values = other.intermediate_values
+        if all(s in values for s in steps):
+            found.append((other, sum(values[s] for s in steps)))
+    return found
+
+
+def leader(
+    study: optuna.Study, steps: Mapping[int, float], skip: int
+) -> tuple[FrozenTrial, float] | None:
+    """The contender with the most flips on ``steps`` (None when no contender reached them)."""
+    contenders = [
+        (t, total)
+        for t, total in on_same_prompts(study.get_trials(deepcopy=False), steps, skip)
+        if is_contender(t)
+    ]
+    return max(contenders, key=lambda pair: (pair[1], -pair[0].number), default=None)
+
+
+class RungPruner(optuna.pruners.BasePruner):
+    """Paired Wilcoxon against the best contender, and successive halving at rungs."""
+
+    def __init__(self, mean_step: int, chunk: int, p_threshold: float = 0.1, eta: int = 3) -> None:
+        if eta < 1:
+            raise ValueError(f"eta must be at least 1, got {eta}")
+        self.mean_step, self.chunk = mean_step, chunk
+        self.p_threshold, self.eta = p_threshold, eta
+        self.reason: dict[int, str] = {}  # trial number -> why it was pruned (for its row)
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        steps = scored(trial, self.mean_step)
+        if len(steps) < 2:
+            return False
+        mine = sum(steps.values())
+        others = on_same_prompts(study.get_trials(deepcopy=False), steps, trial.number)
+        if len(steps) in rung_sizes(self.chunk, self.eta, self.mean_step):
+            keep = math.ceil((len(others) + 1) / self.eta)
+            ahead = sum(total > mine for _, total in others)
+            if len(others) + 1 >= self.eta and ahead >= keep:
+                self.reason[trial.number] = (
+                    f"rung of {len(steps)} prompts: {ahead} of {len(others) + 1} trials flipped "
+                    f"more (the top {keep} go on)"
+                )
+                return True
+        best = max(
+            ((t, total) for t, total in others if is_contender(t)),
+            key=lambda pair: pair[1],
+            default=None,
+        )
+        if best is None or best[1] <= mine:
+            return False
+        diffs = [steps[s] - best[0].intermediate_values[s] for s in steps]
+        p = float(ss.wilcoxon(diffs, alternative="less", zero_method="zsplit").pvalue)
+        if p < self.p_threshold:
+            self.reason[trial.number] = (
+                f"paired Wilcoxon vs trial {best[0].number} on {len(steps)} prompts: p={p:.3g}"
+            )
+            return True
+        return False
