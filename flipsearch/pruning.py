@@ -5,8 +5,8 @@ have been scored on the same prompts, whether they are complete or still in flig
 stopped at a pruning check when
 
 - a paired Wilcoxon test on those prompts says it flips less than the best *contender* (a
-  trial that is not known to break the benign-refusal limit: complete and feasible, or still
-  in flight and not yet shown to be over it), or
+  trial that may win: complete and feasible, or still in flight with its benign refusal so
+  far within the limit), or
 - at a rung of successive halving (``chunk * eta``, ``chunk * eta**2`` ... prompts) it is not
   in the top ``1/eta`` of the trials that reached the rung (measured on the same prompts, so
   this, too, is a paired comparison).
@@ -29,6 +29,7 @@ import scipy.stats as ss
 from optuna.trial import FrozenTrial, TrialState
 
 INFEASIBLE = "infeasible"  # user attr: the trial's benign refusal is surely over the limit
+WITHIN_LIMIT = "benign_within_limit"  # user attr: its benign refusal so far is within the limit
 
 
 def rung_sizes(chunk: int, eta: int, pool: int) -> list[int]:
@@ -50,12 +51,15 @@ def scored(trial: FrozenTrial, mean_step: int) -> dict[int, float]:
 
 
 def is_contender(trial: FrozenTrial) -> bool:
-    """Could still win: not pruned, not failed, and not shown to break the benign limit."""
+    """Could win: complete and feasible, or in flight with its benign refusal measured and,
+    so far, within the limit. A trial in flight whose benign refusal is unknown does not set
+    the bar: a context that flips much but refuses too much would prune the winner before it
+    is found out (measured on prompt sets made unlike the shipped ones)."""
     if trial.user_attrs.get(INFEASIBLE):
         return False
     if trial.state == TrialState.COMPLETE:
         return all(v <= 0 for v in trial.constraints.values())
-    return trial.state == TrialState.RUNNING
+    return trial.state == TrialState.RUNNING and trial.user_attrs.get(WITHIN_LIMIT) is True
 
 
 def on_same_prompts(

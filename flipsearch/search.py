@@ -34,7 +34,7 @@ from flipsearch.fliprate import ContextScore, Judged, PairedOutcome, Rate
 from flipsearch.grammar import Grammar
 from flipsearch.leaderboard import Row
 from flipsearch.prompts import Prompt, stratified_order
-from flipsearch.pruning import INFEASIBLE, RungPruner, leader
+from flipsearch.pruning import INFEASIBLE, WITHIN_LIMIT, RungPruner, leader
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -454,6 +454,8 @@ class ContextObjective:
             else ("proposer" if "proposed" in trial.user_attrs else "grammar")
         )
         trial.set_user_attr("source", source)
+        if not self.benign:  # no benign prompts: no limit to break
+            trial.set_user_attr(WITHIN_LIMIT, True)
         flight = Flight(trial, context, iter(()))  # type: ignore[arg-type]
         flight.steps = self._score(flight)
         return flight
@@ -597,6 +599,8 @@ class ContextObjective:
             more = self.benign[start : min(target, start + 2 * self.chunk)]
             flight.benign += yield from self._answers(flight, more, "refusal")
             rate = Rate.of(sum(j.refusal_share for j in flight.benign), len(flight.benign))
+            within = rate.value <= self.settings.max_benign_refusal
+            flight.trial.set_user_attr(WITHIN_LIMIT, bool(within))
             if (
                 len(flight.benign) < len(self.benign)
                 and rate.low > self.settings.max_benign_refusal

@@ -7,7 +7,14 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from flipsearch.pruning import INFEASIBLE, RungPruner, is_contender, leader, rung_sizes
+from flipsearch.pruning import (
+    INFEASIBLE,
+    WITHIN_LIMIT,
+    RungPruner,
+    is_contender,
+    leader,
+    rung_sizes,
+)
 
 MEAN = 1_000_000
 
@@ -62,11 +69,13 @@ def test_a_context_over_the_benign_limit_never_sets_the_bar():
     assert "Wilcoxon" in pruner.reason[1]
 
 
-def test_a_trial_in_flight_is_a_contender_until_its_benign_refusal_is_surely_over():
+def test_a_trial_in_flight_is_a_contender_while_its_benign_refusal_is_within_the_limit():
     study = _study()
     running = study.ask()
     for step in range(12):
         running.report(1.0, step)
+    assert not is_contender(study._storage.get_trial(running._trial_id))  # benign unknown
+    running.set_user_attr(WITHIN_LIMIT, True)
     frozen = study._storage.get_trial(running._trial_id)
     assert is_contender(frozen)
     assert leader(study, dict.fromkeys(range(12), 0.0), skip=-1)[0].number == running.number
