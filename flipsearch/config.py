@@ -216,11 +216,11 @@ class SearchConfig:
         ),
     )
     trials_in_flight: int = field(
-        default=0,
+        default=1,
         metadata=option(
             "Trials scored side by side, their prompts sharing generation calls filled to "
-            "--batch-size. 0: enough to fill a batch (batch size / --prune-every); 1: one "
-            "trial at a time.",
+            "--batch-size. 0: enough to fill a batch (batch size / --prune-every). Default 1 "
+            "(one at a time): many in flight found a worse winner on collection B (README).",
             min=0,
         ),
     )
