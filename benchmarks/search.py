@@ -11,15 +11,23 @@ For each backend and each collection (the shipped sets, and collection B in
   leaderboard's winner is the reference.
 - ``sequential`` runs the study as flipsearch did before trials shared calls: one trial in
   flight, each call only the chunk it asks for.
-- ``concurrent`` keeps ``ceil(batch / prune-every)`` trials in flight, serves them in shared
-  calls and tops each call up to whole batches (``flipsearch run``'s default).
+- ``concurrent`` keeps ``ceil(batch / prune-every)`` trials in flight (``--trials-in-flight
+  0``), serves them in shared calls and tops each call up to whole batches with what the
+  trials will likely ask for next.
 
 Both searches start from a cache holding only the student's answers, run every seed as a trial
 (the screen first), and use the same pruner, so their teacher generations are what they really
 generated (batch fillers included). ``winner`` is ``same`` or the exact McNemar p of the found
 winner against the exhaustive one on the exhaustive scores (paired, same prompts). ``calls``
 is the mean number of prompts per generation call after the screen, beside its share of the
-batch size. ``speed-up`` is the sequential search's wall time over this one's.
+batch size. ``speed-up`` is the sequential search's wall time over this one's. ``verdicts``
+counts the seeds whose trial ended as it did in the sequential search (state, flips and
+prompts scored): concurrency should change none.
+
+``--replay`` answers the searches from the exhaustive cache instead of generating (the same
+answers: they do not depend on batch company), for their generations, calls and winners in
+seconds; their wall times are then not measured. Rows print as they are measured, and the
+whole table again at the end.
 
 The vLLM rows run in the vLLM environment (a child process of this script, one after the
 other: never two engines at once).
@@ -49,6 +57,7 @@ from flipsearch import (
     load_prompts,
     make_backend,
 )
+from flipsearch.backends.cache import cache_key
 from flipsearch.fliprate import compare
 from flipsearch.grammar import load_grammar
 from flipsearch.leaderboard import Row, rank
@@ -81,10 +90,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vllm-python", default=str(HERE.parent / ".venv-vllm/bin/python"))
     parser.add_argument("--work", default=None, help="keep caches here (exhaustive ones reused)")
+    parser.add_argument(
+        "--methods", default="sequential,concurrent", help="searches to run ('' for none)"
+    )
+    parser.add_argument(
+        "--replay",
+        action="store_true",
+        help="searches replay the exhaustive answers instead of generating: their teacher "
+        "generations, calls and winners are measured, their wall times are not",
+    )
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)  # a child's results
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="flipsearch-search-bench-"))
     rows: list[dict[str, Any]] = []
+    if args.json is None:
+        print_header(args)
     for backend in args.backends.split(","):
         if backend == "vllm" and args.json is None:
             rows += _in_vllm_env(args, work)
@@ -94,6 +114,7 @@ def main() -> None:
     if args.json is not None:
         Path(args.json).write_text(json.dumps(rows))
         return
+    print("\nAll rows:")
     print_table(rows, args)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
@@ -106,13 +127,13 @@ def _in_vllm_env(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     out = work / "vllm.json"
     options = [
         *("model", "limit", "max_new_tokens", "batch_size", "prune_every"),
-        *("max_benign_refusal", "seed"),
+        *("max_benign_refusal", "seed", "methods"),
     ]
     argv = [
         x for name in options for x in (f"--{name.replace('_', '-')}", str(getattr(args, name)))
     ]
     command = [args.vllm_python, __file__, *argv, "--work", str(work), "--backends", "vllm"]
-    command += ["--json", str(out)]
+    command += ["--json", str(out), *(["--replay"] if args.replay else [])]
     subprocess.run(command, check=True)
     rows: list[dict[str, Any]] = json.loads(out.read_text())
     return rows
@@ -169,18 +190,25 @@ def measure(backend: str, collection: str, args: argparse.Namespace, work: Path)
             "calls": None,
         }
     ]
-    for method, in_flight, fill in (
-        ("sequential", 1, 1),
-        ("concurrent", math.ceil(args.batch_size / args.prune_every), args.batch_size),
-    ):
+    methods = {
+        "sequential": (1, 1),
+        "concurrent": (math.ceil(args.batch_size / args.prune_every), args.batch_size),
+    }
+    for method in [m for m in args.methods.split(",") if m]:
+        in_flight, fill = methods[method]
+        searcher = evaluator(_fresh(work, method))
+        if args.replay:
+            searcher.generator = Replay(generator.fingerprint, scorer.cache, args.batch_size)
         found = _search(
-            evaluator(_fresh(work, method)),
+            searcher,
             contexts,
             search_split,
             benign,
             args,
             Limits(len(contexts), in_flight=in_flight, batch_size=fill),
         )
+        if args.replay:
+            found["seconds"] = None
         winner = found["winner"]
         p = None if winner == best["context"] else compare(scores[winner], scores[best["context"]])
         results.append(
@@ -193,7 +221,40 @@ def measure(backend: str, collection: str, args: argparse.Namespace, work: Path)
                 **found,
             }
         )
+        alone = next((r for r in results if r["method"] == "sequential"), None)
+        if alone is not None and method != "sequential":
+            same = alone["verdicts"].items()
+            results[-1]["same_verdicts"] = sum(found["verdicts"].get(c) == v for c, v in same)
+    for row in results:
+        print_row(row, results, args)
     return results
+
+
+class Replay:
+    """A generator that answers from a cache holding every answer (``--replay``): a search's
+    decisions and calls without its generation time (answers do not depend on batch company,
+    so they are the ones the backend would give)."""
+
+    def __init__(self, fingerprint: str, cache: Any, batch_size: int) -> None:
+        self.fingerprint, self.cache, self.batch_size = fingerprint, cache, batch_size
+
+    def generate_batches(self, prompts, decoding):
+        for start in range(0, len(prompts), self.batch_size):
+            part = list(range(start, min(len(prompts), start + self.batch_size)))
+            keys = {
+                i: [
+                    cache_key(self.fingerprint, prompts[i], decoding, s)
+                    for s in range(decoding.samples)
+                ]
+                for i in part
+            }
+            found = self.cache.get_many([k for ks in keys.values() for k in ks])
+            missing = [i for i in part if any(k not in found for k in keys[i])]
+            if missing:
+                raise SystemExit(
+                    f"--replay: {len(missing)} answers are not in the exhaustive cache"
+                )
+            yield part, [[found[k] for k in keys[i]] for i in part]
 
 
 def _fresh(work: Path, name: str, keep: bool = False) -> str:
@@ -233,6 +294,15 @@ def _search(evaluator: Evaluator, contexts, search_split, benign, args, limits) 
     run_trials(study, storage, objective, limits)
     seconds = time.perf_counter() - started
     found = rank(trial_rows(study), args.max_benign_refusal)
+    verdicts = {
+        r["context"]: [
+            r["state"],
+            r["flip_rate_count"],
+            r["flip_rate_n"],
+            r.get("benign_refusal_n"),
+        ]
+        for r in found
+    }
     calls = [n for role, n in evaluator.calls[screened:] if role == "teacher"]
     return {
         "prompts": None,
@@ -242,41 +312,61 @@ def _search(evaluator: Evaluator, contexts, search_split, benign, args, limits) 
         "pruned": sum(r["state"] == "pruned" for r in found),
         "seconds": seconds,
         "calls": sum(calls) / len(calls) if calls else None,
+        "verdicts": verdicts,
     }
 
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    print_header(args)
+    for row in rows:
+        print_row(row, rows, args)
+
+
+def print_header(args: argparse.Namespace) -> None:
     print(
         f"{len(load_contexts())} seed contexts, every one a trial; {args.limit} prompts of "
         f"each kind per collection (30% of the harmful ones held out); {args.max_new_tokens} "
         f"new tokens, greedy, fp32; batch size {args.batch_size}, pruning every "
         f"{args.prune_every} prompts"
     )
-    header = (
+    print(
         f"{'backend':<7} {'collection':<10} {'method':<10} {'teacher gens':>12} "
-        f"{'share':>6} {'seconds':>8} {'speed-up':>8} {'prompts/call':>14}  winner"
+        f"{'share':>6} {'seconds':>8} {'speed-up':>8} {'prompts/call':>14} {'verdicts':>8}  winner",
+        flush=True,
     )
-    print(header)
-    sequential = {
-        (r["backend"], r["collection"]): r["seconds"] for r in rows if r["method"] == "sequential"
-    }
-    for r in rows:
-        if r["method"] == "exhaustive":
-            print(f"{r['backend']:<7} {r['collection']:<10} ({r['prompts']}; winner {r['winner']})")
-        share = r["generations"] / r["full"]
-        seconds = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
-        base = sequential.get((r["backend"], r["collection"]))
-        speed = "-" if r["method"] == "exhaustive" or not base else f"{base / r['seconds']:.2f}x"
-        calls = "-"
-        if r["calls"] is not None:
-            calls = f"{r['calls']:.1f} ({r['calls'] / args.batch_size:.0%})"
-        winner = r["winner"] if r["p"] is None else f"{r['winner']} (McNemar p={r['p']:.3g})"
-        if r["method"] != "exhaustive" and r["p"] is None:
-            winner = "same"
-        print(
-            f"{r['backend']:<7} {r['collection']:<10} {r['method']:<10} {r['generations']:>12} "
-            f"{share:>6.1%} {seconds:>8} {speed:>8} {calls:>14}  {winner}"
-        )
+
+
+def print_row(r: dict[str, Any], rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    base = next(
+        (
+            x["seconds"]
+            for x in rows
+            if x["method"] == "sequential"
+            and (x["backend"], x["collection"]) == (r["backend"], r["collection"])
+        ),
+        None,
+    )
+    if r["method"] == "exhaustive":
+        print(f"{r['backend']:<7} {r['collection']:<10} ({r['prompts']}; winner {r['winner']})")
+    share = r["generations"] / r["full"]
+    seconds = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
+    speed = "-"
+    if r["method"] != "exhaustive" and base and r["seconds"]:
+        speed = f"{base / r['seconds']:.2f}x"
+    calls = "-"
+    if r["calls"] is not None:
+        calls = f"{r['calls']:.1f} ({r['calls'] / args.batch_size:.0%})"
+    verdicts = "-"
+    if r.get("same_verdicts") is not None:
+        verdicts = f"{r['same_verdicts']}/{len(r['verdicts'])}"
+    winner = r["winner"] if r["p"] is None else f"{r['winner']} (McNemar p={r['p']:.3g})"
+    if r["method"] != "exhaustive" and r["p"] is None:
+        winner = "same"
+    print(
+        f"{r['backend']:<7} {r['collection']:<10} {r['method']:<10} {r['generations']:>12} "
+        f"{share:>6.1%} {seconds:>8} {speed:>8} {calls:>14} {verdicts:>8}  {winner}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

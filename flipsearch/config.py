@@ -219,8 +219,9 @@ class SearchConfig:
         default=1,
         metadata=option(
             "Trials scored side by side, their prompts sharing generation calls filled to "
-            "--batch-size. 0: enough to fill a batch (batch size / --prune-every). Default 1 "
-            "(one at a time): many in flight found a worse winner on collection B (README).",
+            "--batch-size; every trial gets the verdict it gets alone. 0: enough to fill a "
+            "batch (batch size / --prune-every), for a GPU engine. Default 1: on CPU the "
+            "filling costs generations and buys no time (README).",
             min=0,
         ),
     )

@@ -34,7 +34,8 @@ class Row(Mapping[str, Any]):
     state: str  # complete | pruned
     outcomes: dict[str, float]  # per-prompt flips on the student-unsafe pool (paired tests)
     rates: dict[str, Rate]  # flip_rate always; the others when measured
-    # measured | stopped (surely over the limit) | not needed | partial (pruned) | none
+    # measured | stopped (surely over the limit) | within (stopped: surely within it)
+    # | not needed | partial (pruned) | none
     benign: str = "none"
     invalid: int | None = None
     unfinished: int | None = None  # teacher answers that never came (reasoning models)

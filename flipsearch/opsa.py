@@ -92,7 +92,10 @@ def token_divergence(
     with torch.no_grad():
         kl = reverse_kl(log_s, log_t)
     if divergence == FORWARD_REVERSE:
-        return _forward_reverse(log_s, log_t, support, alpha, top_k), kl
+        loss = _forward_reverse(
+            student_logits.float(), teacher_logits.float(), support, alpha, top_k
+        )
+        return loss, kl
     if support == "sampled":
         if divergence != "reverse":
             raise FlipsearchError("the sampled-token estimator is for the reverse KL only")
@@ -136,15 +139,17 @@ def check_divergence(divergence: str, support: str) -> None:
 
 
 def _forward_reverse(
-    log_s: torch.Tensor, log_t: torch.Tensor, support: str, alpha: float, top_k: int
+    student: torch.Tensor, teacher: torch.Tensor, support: str, alpha: float, top_k: int
 ) -> torch.Tensor:
-    """alpha KL(t || s) + (1 - alpha) KL(s || t); under ``topk`` over the teacher's top-k
-    tokens, both renormalised there (NeMo-RL's ``zero_outside_topk: false``, its default)."""
+    """alpha KL(t || s) + (1 - alpha) KL(s || t) from the logits; under ``topk`` over the
+    teacher's top-k tokens, both renormalised there (NeMo-RL's ``zero_outside_topk: false``,
+    its default). The top-k logits are taken before any softmax over the whole vocabulary, so
+    no gradient reaches a token outside them (through a full normaliser it would, by rounding)."""
     check_divergence(FORWARD_REVERSE, support)
     if support == "topk":
-        index = log_t.topk(min(top_k, log_t.shape[-1]), dim=-1).indices
-        log_s = F.log_softmax(log_s.gather(-1, index), dim=-1)
-        log_t = F.log_softmax(log_t.gather(-1, index), dim=-1)
+        index = teacher.topk(min(top_k, teacher.shape[-1]), dim=-1).indices
+        student, teacher = student.gather(-1, index), teacher.gather(-1, index)
+    log_s, log_t = F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1)
     return alpha * reverse_kl(log_t, log_s) + (1 - alpha) * reverse_kl(log_s, log_t)
 
 

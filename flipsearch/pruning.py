@@ -2,14 +2,16 @@
 
 Every trial meets the student-unsafe pool in one shared order, so after k chunks any two trials
 have been scored on the same prompts, whether they are complete or still in flight. A trial is
-stopped at a pruning check when
+compared with earlier trials only (lower numbers: with one worker, those that finished before
+its check), so its verdict is the one a one-at-a-time search gives it. It is stopped at a
+pruning check when
 
 - a paired Wilcoxon test on those prompts says it flips less than the best *contender* (a
   trial that may win: complete and feasible, or still in flight with its benign refusal so
   far within the limit), or
 - at a rung of successive halving (``chunk * eta``, ``chunk * eta**2`` ... prompts) it is not
-  in the top ``1/eta`` of the trials that reached the rung (measured on the same prompts, so
-  this, too, is a paired comparison).
+  in the top ``1/eta`` of the trials that reached the rung and are not known to break the
+  benign limit (measured on the same prompts, so this, too, is a paired comparison).
 
 Why both: on prompt sets the project had never seen, many weak contexts sat close to the best,
 where a significance test keeps them to the end; and contexts that broke the benign limit were
@@ -50,6 +52,13 @@ def scored(trial: FrozenTrial, mean_step: int) -> dict[int, float]:
     return {s: v for s, v in trial.intermediate_values.items() if s < mean_step}
 
 
+def is_infeasible(trial: FrozenTrial) -> bool:
+    """Known to break the benign limit: stopped on it, or complete and over it."""
+    if trial.user_attrs.get(INFEASIBLE):
+        return True
+    return trial.state == TrialState.COMPLETE and any(v > 0 for v in trial.constraints.values())
+
+
 def is_contender(trial: FrozenTrial) -> bool:
     """Could win: complete and feasible, or in flight with its benign refusal measured and,
     so far, within the limit. A trial in flight whose benign refusal is unknown does not set
@@ -63,12 +72,15 @@ def is_contender(trial: FrozenTrial) -> bool:
 
 
 def on_same_prompts(
-    trials: Iterable[FrozenTrial], steps: Mapping[int, float], skip: int
+    trials: Iterable[FrozenTrial], steps: Mapping[int, float], before: int
 ) -> list[tuple[FrozenTrial, float]]:
-    """The trials scored on every one of ``steps``, with their flips summed over them."""
+    """The trials numbered below ``before`` scored on every one of ``steps``, with their flips
+    summed over them. Only earlier trials: a trial is judged against those that started
+    before it, so its verdict does not depend on how far later trials in flight have got (one
+    worker's trials get the verdicts of a one-at-a-time search however many are in flight)."""
     found = []
     for other in trials:
-        if other.number == skip:
+        if other.number >= before:
             continue
         values = other.intermediate_values
         if all(s in values for s in steps):
@@ -77,15 +89,24 @@ def on_same_prompts(
 
 
 def leader(
-    study: optuna.Study, steps: Mapping[int, float], skip: int
+    study: optuna.Study, steps: Mapping[int, float], before: int
 ) -> tuple[FrozenTrial, float] | None:
-    """The contender with the most flips on ``steps`` (None when no contender reached them)."""
+    """The earlier contender with the most flips on ``steps`` (None when none reached them)."""
     contenders = [
         (t, total)
-        for t, total in on_same_prompts(study.get_trials(deepcopy=False), steps, skip)
+        for t, total in on_same_prompts(study.get_trials(deepcopy=False), steps, before)
         if is_contender(t)
     ]
     return max(contenders, key=lambda pair: (pair[1], -pair[0].number), default=None)
+
+
+def paired_p(mine: Mapping[int, float], theirs: Mapping[int, float]) -> float:
+    """One-sided paired Wilcoxon p (zsplit: ties count half each way) that ``mine`` flips
+    less than ``theirs`` on ``mine``'s steps; 1 when it does not flip less."""
+    diffs = [mine[s] - theirs[s] for s in mine]
+    if sum(diffs) >= 0:
+        return 1.0
+    return float(ss.wilcoxon(diffs, alternative="less", zero_method="zsplit").pvalue)
 
 
 class RungPruner(optuna.pruners.BasePruner):
@@ -105,11 +126,13 @@ class RungPruner(optuna.pruners.BasePruner):
         mine = sum(steps.values())
         others = on_same_prompts(study.get_trials(deepcopy=False), steps, trial.number)
         if len(steps) in rung_sizes(self.chunk, self.eta, self.mean_step):
-            keep = math.ceil((len(others) + 1) / self.eta)
-            ahead = sum(total > mine for _, total in others)
-            if len(others) + 1 >= self.eta and ahead >= keep:
+            # A context known to break the benign limit takes no place in the top 1/eta.
+            ranked = [(t, total) for t, total in others if not is_infeasible(t)]
+            keep = math.ceil((len(ranked) + 1) / self.eta)
+            ahead = sum(total > mine for _, total in ranked)
+            if len(ranked) + 1 >= self.eta and ahead >= keep:
                 self.reason[trial.number] = (
-                    f"rung of {len(steps)} prompts: {ahead} of {len(others) + 1} trials flipped "
+                    f"rung of {len(steps)} prompts: {ahead} of {len(ranked) + 1} trials flipped "
                     f"more (the top {keep} go on)"
                 )
                 return True
@@ -120,8 +143,7 @@ class RungPruner(optuna.pruners.BasePruner):
         )
         if best is None or best[1] <= mine:
             return False
-        diffs = [steps[s] - best[0].intermediate_values[s] for s in steps]
-        p = float(ss.wilcoxon(diffs, alternative="less", zero_method="zsplit").pvalue)
+        p = paired_p(steps, best[0].intermediate_values)
         if p < self.p_threshold:
             self.reason[trial.number] = (
                 f"paired Wilcoxon vs trial {best[0].number} on {len(steps)} prompts: p={p:.3g}"

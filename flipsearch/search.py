@@ -34,7 +34,7 @@ from flipsearch.fliprate import ContextScore, Judged, PairedOutcome, Rate
 from flipsearch.grammar import Grammar
 from flipsearch.leaderboard import Row
 from flipsearch.prompts import Prompt, stratified_order
-from flipsearch.pruning import INFEASIBLE, WITHIN_LIMIT, RungPruner, leader
+from flipsearch.pruning import INFEASIBLE, WITHIN_LIMIT, RungPruner, leader, paired_p
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -378,6 +378,7 @@ class Flight:
     pool_size: float = 0.0
     benign: list[Judged] = field(default_factory=list)
     waiting: list[Need] | str | None = None  # what the next call must serve
+    surely_within: bool = False  # its benign refusal is within the limit whatever the rest
 
     @property
     def flips(self) -> float:
@@ -490,14 +491,22 @@ class ContextObjective:
             self.finish(flight)
 
     def lookahead(self, flight: Flight) -> list[Need]:
-        """What the trial will ask for next if it is not pruned (a batch's filling): the rest
-        of the pool in its order, then the benign prompts not yet judged."""
-        rest = [p for p in self.pool if ("safety", p.id) not in flight.used]
+        """What the trial will ask for if it is not pruned (a call's filling), in the order it
+        asks: with no earlier contender, its benign prompts and then the pool (it measures
+        benign refusal first); else the next chunk of the pool, a benign chunk, the rest of
+        the pool, the rest of the benign prompts. Last, the student-safe search prompts a
+        complete trial is scored on."""
+        pool = [p for p in self.pool if ("safety", p.id) not in flight.used]
+        split = [p for p in self.search_split if ("safety", p.id) not in flight.used]
         benign = [p for p in self.benign if ("refusal", p.id) not in flight.used]
-        return [
-            Need(tuple(rest), flight.context, "safety"),
-            Need(tuple(benign), flight.context, "refusal"),
-        ]
+        pool_ids = {p.id for p in pool}
+        if self.benign and self._rival(flight) is None:
+            parts = [(benign, "refusal"), (pool, "safety")]
+        else:
+            parts = [(pool[: self.chunk], "safety"), (benign[: 2 * self.chunk], "refusal")]
+            parts += [(pool[self.chunk :], "safety"), (benign[2 * self.chunk :], "refusal")]
+        parts.append(([p for p in split if p.id not in pool_ids], "safety"))
+        return [Need(tuple(ps), flight.context, role) for ps, role in parts]
 
     def screen(self, contexts: Sequence[Context]) -> list[Context]:
         """Contexts ordered by their flips on the pool's first chunk.
@@ -546,8 +555,12 @@ class ContextObjective:
             if trial.should_prune():
                 self._record_pruned(flight)
                 raise optuna.TrialPruned()
-            if self._leads(flight):
-                share = (start + len(chunk)) / len(self.pool)
+            if self.leads(flight):
+                # With no earlier contender nothing can prune it on flips: it runs to the end
+                # unless its benign refusal stops it, so that is measured first (on prompt
+                # sets made unlike the shipped ones, the strongest contexts refused too much).
+                alone = self._rival(flight) is None
+                share = 1.0 if alone else (start + len(chunk)) / len(self.pool)
                 infeasible = yield from self._benign_until(flight, share)
                 if infeasible:
                     self._record_pruned(flight, benign_over=True)
@@ -573,38 +586,65 @@ class ContextObjective:
         stopped = yield from self._benign_until(flight, 1.0)
         score.benign = flight.benign
         benign = "stopped" if stopped else "measured"
+        if flight.surely_within and len(flight.benign) < len(self.benign):
+            benign = "within"  # stopped early: surely within the limit
         trial.set_user_attr("row", Row.of_score(score, benign=benign).to_dict())
         refusal = score.benign_refusal.value if self.benign else 0.0
         # <= 0 is feasible; the best trial and the pruner's contenders are feasible ones.
         trial.set_constraint("benign_refusal", refusal - self.settings.max_benign_refusal)
         return flip_rate
 
-    def _leads(self, flight: Flight) -> bool:
-        """No contender flips more on the prompts this trial has been scored on: it may win,
-        so its benign refusal is measured alongside (and can stop it early)."""
+    def leads(self, flight: Flight) -> bool:
+        """No earlier contender flips more on the prompts this trial has been scored on: it
+        may win, so its benign refusal is measured alongside (and can stop it early)."""
         if not self.benign:
             return False
-        steps = {self.step_of[pid]: flip for pid, flip in flight.outcomes.items()}
-        best = leader(flight.trial.study, steps, flight.trial.number)
+        best = self._rival(flight)
         return best is None or best[1] <= flight.flips
 
+    def behind(self, flight: Flight, head: Flight) -> float:
+        """How surely ``flight`` will be pruned at its next check: the paired p that it flips
+        less than its likely bar, the earlier contender that flips most or else the first
+        trial in flight (unless that one broke the benign limit); 1 when neither leads it."""
+        bars = []
+        rival = self._rival(flight)
+        if rival is not None:
+            bars.append(rival[0].intermediate_values)
+        if head is not flight and head.trial.user_attrs.get(WITHIN_LIMIT) is not False:
+            bars.append({self.step_of[i]: f for i, f in head.outcomes.items()})
+        mine = {self.step_of[i]: f for i, f in flight.outcomes.items()}
+        shared = [{s: v for s, v in mine.items() if s in bar} for bar in bars]
+        return min(
+            (paired_p(m, bar) for m, bar in zip(shared, bars, strict=True) if len(m) >= 2),
+            default=1.0,
+        )
+
+    def _rival(self, flight: Flight) -> tuple[Any, float] | None:
+        """The earlier contender that flips most on the prompts this trial was scored on."""
+        steps = {self.step_of[pid]: flip for pid, flip in flight.outcomes.items()}
+        return leader(flight.trial.study, steps, flight.trial.number)
+
     def _benign_until(self, flight: Flight, share: float) -> Generator[list[Need], None, bool]:
-        """Benign answers judged up to ``share`` of the benign set, in chunks of twice the
-        pruning step, stopping once the limit is surely exceeded (the Wilson 95% lower bound
-        above ``max_benign_refusal``); returns whether it stopped. The partial count is kept,
-        so the leaderboard shows on how many prompts the context was stopped."""
+        """Benign answers judged up to ``share`` of the benign set (at least twice the pruning
+        step), a pruning step at a time; returns whether it stopped on the limit.
+
+        It stops as soon as the verdict on the limit is settled: over it once more benign
+        prompts were refused than the limit allows of the whole set (certain) or once the
+        Wilson 95% lower bound is above the limit (sure); within it once refusing every prompt
+        not yet measured would still keep it within (certain; later calls measure nothing).
+        The partial count is kept, so the leaderboard shows on how many prompts it stopped."""
+        limit = self.settings.max_benign_refusal
+        allowed = limit * len(self.benign)
         target = min(len(self.benign), max(2 * self.chunk, round(share * len(self.benign))))
-        while len(flight.benign) < target:
+        while len(flight.benign) < target and not flight.surely_within:
             start = len(flight.benign)
-            more = self.benign[start : min(target, start + 2 * self.chunk)]
+            more = self.benign[start : min(target, start + self.chunk)]
             flight.benign += yield from self._answers(flight, more, "refusal")
             rate = Rate.of(sum(j.refusal_share for j in flight.benign), len(flight.benign))
-            within = rate.value <= self.settings.max_benign_refusal
-            flight.trial.set_user_attr(WITHIN_LIMIT, bool(within))
-            if (
-                len(flight.benign) < len(self.benign)
-                and rate.low > self.settings.max_benign_refusal
-            ):
+            flight.trial.set_user_attr(WITHIN_LIMIT, bool(rate.value <= limit))
+            unmeasured = len(self.benign) - len(flight.benign)
+            flight.surely_within = rate.successes + unmeasured <= allowed
+            if rate.successes > allowed or (unmeasured and rate.low > limit):
                 flight.trial.set_user_attr(INFEASIBLE, True)
                 return True
         return False

@@ -13,6 +13,7 @@ from flipsearch.pruning import (
     RungPruner,
     is_contender,
     leader,
+    paired_p,
     rung_sizes,
 )
 
@@ -78,7 +79,7 @@ def test_a_trial_in_flight_is_a_contender_while_its_benign_refusal_is_within_the
     running.set_user_attr(WITHIN_LIMIT, True)
     frozen = study._storage.get_trial(running._trial_id)
     assert is_contender(frozen)
-    assert leader(study, dict.fromkeys(range(12), 0.0), skip=-1)[0].number == running.number
+    assert leader(study, dict.fromkeys(range(12), 0.0), before=99)[0].number == running.number
     pruner = RungPruner(MEAN, chunk=12, p_threshold=0.1, eta=1)
     assert _asks(study, [1.0, 0.0] * 6, pruner)  # pruned against the partial curve
     running.set_user_attr(INFEASIBLE, True)
@@ -95,6 +96,43 @@ def test_a_rung_keeps_the_top_third_of_the_trials_that_reached_it():
     assert "rung of 6 prompts" in pruner.reason[max(pruner.reason)]
     assert not _asks(study, [1.0] * 5 + [0.0], pruner)  # 5/6: only one flipped more
     assert not _asks(study, [1.0] * 4, pruner)  # 4 prompts is no rung
+
+
+def test_a_trial_is_judged_against_earlier_trials_only():
+    """A later trial, however far it got, sets no bar: a trial's verdict is the one it gets
+    when the trials run one at a time."""
+    study = _study()
+    checked = study.ask()
+    for step, flip in enumerate([1.0, 0.0] * 6):
+        checked.report(flip, step)
+    later = study.ask()
+    for step in range(12):
+        later.report(1.0, step)
+    later.set_user_attr(WITHIN_LIMIT, True)
+    pruner = RungPruner(MEAN, chunk=12, p_threshold=0.1, eta=1)
+    assert not pruner.prune(study, study._storage.get_trial(checked._trial_id))
+    assert leader(study, dict.fromkeys(range(12), 0.0), before=checked.number) is None
+    assert _asks(study, [1.0, 0.0] * 6, pruner)  # a trial after both is pruned
+
+
+def test_a_context_known_to_break_the_benign_limit_takes_no_place_at_a_rung():
+    over = [
+        _trial([1.0] * 6, constraint=0.2),
+        _trial([1.0] * 6, infeasible=True, state=TrialState.PRUNED),
+    ]
+    feasible = [_trial([1.0] * 5 + [0.0])]
+    pruner = RungPruner(MEAN, chunk=2, p_threshold=0.0, eta=3)
+    # Ranked among the feasible (or unknown) only: one of two flipped more, the top 1 of 2...
+    assert not _asks(_study(*over, *feasible), [1.0] * 4 + [0.0] * 2, pruner)  # n < eta: no cut
+    # ... and with two feasible trials ahead of it, it is cut.
+    study = _study(*over, *feasible, _trial([1.0] * 6, constraint=-0.1))
+    assert _asks(study, [1.0] * 4 + [0.0] * 2, pruner)
+    assert "2 of 3 trials" in pruner.reason[max(pruner.reason)]
+
+
+def test_paired_p_is_one_sided_and_one_when_not_behind():
+    assert paired_p({0: 1.0, 1: 1.0}, {0: 0.0, 1: 0.0}) == 1.0
+    assert paired_p({s: 0.0 for s in range(5)}, {s: 1.0 for s in range(5)}) == pytest.approx(1 / 32)
 
 
 @pytest.mark.parametrize("eta", [0, -1])

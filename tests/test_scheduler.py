@@ -15,8 +15,16 @@ from rich.progress import Progress
 from flipsearch import Decoding, Evaluator, GenerationCache, RunConfig, run
 from flipsearch.grammar import load_grammar
 from flipsearch.progress import LineProgress
-from flipsearch.scheduler import Limits, ProgressMonitor, describe, run_trials, spent_generations
-from flipsearch.search import ContextObjective, enqueue_seeds, open_study, trial_rows
+from flipsearch.scheduler import (
+    Limits,
+    ProgressMonitor,
+    _likely_next,
+    _serve,
+    describe,
+    run_trials,
+    spent_generations,
+)
+from flipsearch.search import CHECK, ContextObjective, enqueue_seeds, open_study, trial_rows
 from tests.test_search import BENIGN, HARMFUL, SEEDS, ScriptedModel, _settings
 
 
@@ -86,6 +94,25 @@ def test_trials_in_flight_share_calls_and_get_the_verdicts_they_get_alone(tiny_m
     after = [n for n in model.calls[screened:] if n]  # (an all-cached call brings none)
     assert after and all(n % 16 == 0 for n in after[:-1]), str(after)
     assert shared.evaluator.calls[-len(after) :] == [("teacher", n) for n in after]
+
+    # Every seed got the verdict it got alone: its state, its counts, why it was pruned.
+    def verdicts(s):
+        return {
+            t.user_attrs["seed_id"]: (
+                t.state,
+                t.user_attrs["row"]["flip_rate_count"],
+                t.user_attrs["row"]["flip_rate_n"],
+                t.user_attrs["row"].get("pruned_by"),
+            )
+            for t in s.get_trials(deepcopy=False)
+            if "seed_id" in t.user_attrs
+        }
+
+    assert verdicts(study) == verdicts(study_alone)
+    assert {state for state, *_ in verdicts(study).values()} == {
+        TrialState.COMPLETE,
+        TrialState.PRUNED,
+    }
     # The ranking agrees: the strongest feasible context wins both ways.
     for s in (study_alone, study):
         complete = [r for r in trial_rows(s) if r.state == "complete"]
@@ -93,11 +120,40 @@ def test_trials_in_flight_share_calls_and_get_the_verdicts_they_get_alone(tiny_m
         assert best.context.id == "strong"
 
 
+def test_a_call_is_filled_with_what_the_trials_will_likely_ask_for(tiny_model, tmp_path):
+    settings = _settings(trials=3, prune_every=4)
+    objective = _objective(tiny_model, tmp_path, "fill", settings)
+    study, _ = open_study(settings, optuna.storages.InMemoryStorage())
+    strong, none0, paranoid = SEEDS[0], SEEDS[6], SEEDS[1]
+    enqueue_seeds(study, [strong, none0, paranoid])
+    flights = [objective.start(study.ask()) for _ in range(3)]
+    for flight in flights:
+        flight.waiting = flight.steps.send(None)
+    _serve(objective, flights, batch_size=1)  # their first chunks, nothing added
+    for flight in flights:
+        flight.waiting = flight.steps.send(None)
+    assert [f.waiting for f in flights] == [CHECK] * 3  # all reported, none checked yet
+    order = [n for n in _likely_next(objective, flights) if n.prompts]
+    owners = [n.context.id for n in order]
+    # The first trial has nothing earlier to prune it: its benign prompts come first...
+    assert owners[0] == "strong" and order[0].role == "refusal"
+    # ... then the later trial its check will keep (it flips as much), and last the one a
+    # paired test already says flips less than the first (0 of 4 against 4 of 4).
+    later = [c for c in owners if c != "strong"]
+    assert later[0] == "paranoid" and owners.index("none0") > owners.index("paranoid")
+    assert objective.behind(flights[1], flights[0]) < settings.p_threshold
+    assert objective.behind(flights[2], flights[0]) == 1.0
+
+
 def test_a_budget_stop_puts_the_trials_in_flight_back_and_a_rerun_finishes(tiny_model, tmp_path):
     settings = _settings(trials=14, prune_every=4)
+    whole = _objective(tiny_model, tmp_path, "whole", settings)
+    whole_study, whole_storage = _study(settings, whole)
+    run_trials(whole_study, whole_storage, whole, Limits(14, in_flight=4, batch_size=8))
+    needed = spent_generations(whole_study, [], 1)  # what the search uses without a budget
     objective = _objective(tiny_model, tmp_path, "b", settings)
     study, storage = _study(settings, objective)
-    limits = Limits(14, in_flight=4, batch_size=8, budget_generations=120)
+    limits = Limits(14, in_flight=4, batch_size=8, budget_generations=needed * 3 // 4)
     assert run_trials(study, storage, objective, limits) == "budget"
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert TrialState.RUNNING not in states and TrialState.FAIL not in states

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -129,9 +130,11 @@ def test_benign_refusal_is_measured_only_where_it_can_change_the_winner(tiny_mod
     # run to completion (no pruning: no test, no rungs) and cannot win once "strong" ran.
     seeds = [SEEDS[2], SEEDS[0], SEEDS[1], SEEDS[3]]
     study, rows, _ = _search(tiny_model, tmp_path, seeds, benign, p_threshold=0.0, eta=1)
-    assert rows["weak0"]["benign"] == "measured"  # first: nothing to compare with yet
-    assert rows["weak0"]["benign_refusal_n"] == 32
-    assert rows["strong"]["benign"] == "measured" and rows["strong"]["benign_refusal"] == 0.0
+    # First, nothing to compare with yet: measured until no answer to the other benign
+    # prompts could break the limit (0 of 16 refused: 16 more refusals would be 50%).
+    assert rows["weak0"]["benign"] == "within"
+    assert rows["weak0"]["benign_refusal_n"] == 16
+    assert rows["strong"]["benign"] == "within" and rows["strong"]["benign_refusal"] == 0.0
     assert rows["weak1"]["state"] == "complete" and rows["weak1"]["benign"] == "not needed"
     assert rows["weak1"]["benign_refusal"] is None and rows["weak1"]["benign_refusal_n"] == 0
     weak1 = next(t for t in study.trials if t.user_attrs.get("seed_id") == "weak1")
@@ -145,6 +148,71 @@ def test_benign_refusal_is_measured_only_where_it_can_change_the_winner(tiny_mod
     trial = next(t for t in study.trials if t.user_attrs.get("seed_id") == "paranoid")
     assert trial.constraints["benign_refusal"] == pytest.approx(0.5)
     assert rank_rows(list(rows.values()), 0.5)[0]["context"] == "strong"
+
+
+def test_a_first_trial_measures_benign_refusal_first_and_stops_once_certainly_over(
+    tiny_model, tmp_path
+):
+    """With nothing earlier to prune it, a trial runs to the end unless its benign refusal
+    stops it: so that is measured first, and a context that refuses more benign prompts than
+    the limit allows of the whole set stops there, before the rest of the harmful pool."""
+    benign = [Prompt(f"b{i}", "benign", "c", f"benign request {i}") for i in range(24)]
+    seeds = [SEEDS[1], SEEDS[0]]  # paranoid (refuses everything) first, then strong
+    _, rows, _ = _search(tiny_model, tmp_path, seeds, benign, p_threshold=0.0, eta=1)
+    paranoid = rows["paranoid"]
+    assert paranoid["state"] == "pruned" and paranoid["pruned_by"].startswith("benign refusal")
+    # Stopped after one benign chunk (4 of 4 refused: the 95% bound is over the limit),
+    # having spent one chunk of the pool.
+    assert paranoid["benign_refusal_n"] == 4 and paranoid["flip_rate_n"] == 4
+    assert rows["strong"]["state"] == "complete" and rows["strong"]["benign"] == "within"
+    # Strong refuses no benign prompt: after 12 of 24 the rest could not break the limit.
+    assert rows["strong"]["benign_refusal_n"] == 12
+
+
+class OverByOneModel(ScriptedModel):
+    """The scripted model, but "OVER" refuses every harmful prompt and the benign prompts with
+    an even number and number 1: 13 of 24, one more than a 50% limit allows."""
+
+    def generate_batches(self, prompts, decoding):
+        for indices, answers in super().generate_batches(prompts, decoding):
+            for i in indices:
+                text = prompts[i]
+                found = re.search(r"benign request (\d+)", text)
+                number = int(found.group(1)) if found else -1
+                if "OVER" in text and ("harmful" in text or number % 2 == 0 or number == 1):
+                    answers[i] = [Generation("I can't help with that.", (1,), "stop")]
+            yield indices, answers
+
+
+def test_a_context_over_the_limit_only_on_the_whole_set_stops_before_the_rest_of_the_pool(
+    tiny_model, tmp_path
+):
+    """More refusals than the limit allows of the whole set stop a trial for certain, where
+    the 95% bound cannot (13 of 24 is barely over 50%): it is stopped once every benign prompt
+    is measured, before it spends the rest of the harmful pool."""
+    from flipsearch import GenerationCache
+    from flipsearch.fliprate import Rate
+
+    benign = [Prompt(f"b{i}", "benign", "c", f"benign request {i}") for i in range(24)]
+    seeds = [Context("over", "OVER the top."), SEEDS[0]]
+    settings = _settings(p_threshold=0.0, eta=1)
+    evaluator = Evaluator(
+        tiny_model,
+        decoding=Decoding(max_new_tokens=4),
+        generator=OverByOneModel(),
+        cache=GenerationCache(tmp_path / "g.sqlite"),
+    )
+    study, _ = open_study(settings, optuna.storages.InMemoryStorage())
+    enqueue_seeds(study, seeds)
+    objective = ContextObjective(evaluator, seeds, load_grammar(), HARMFUL, benign, settings)
+    study.optimize(objective, n_trials=2)
+    rows = {r["context"]: r for r in trial_rows(study)}
+    over = rows["over"]
+    assert over["benign_refusal_count"] == 13 and over["benign_refusal_n"] == 24
+    assert Rate.of(13, 24).low < 0.5  # not "surely over" by the interval...
+    assert over["state"] == "pruned" and over["benign"] == "stopped"  # ... but certainly over
+    assert over["flip_rate_n"] == settings.prune_every  # the rest of the pool was not spent
+    assert rows["strong"]["state"] == "complete"
 
 
 def test_screening_runs_the_strongest_seeds_first_at_no_extra_cost(tiny_model, tmp_path):
