@@ -5,7 +5,7 @@ conditional branches work; constant liar, so trials in flight are not drawn twic
 contexts from the grammar; optionally a proposer model rewrites the best contexts so far. A
 trial scores its context chunk by chunk over the student-unsafe pool in one shared order and
 reports each prompt's flip with the prompt's place in the search split as the step, so
-``pruning.RungPruner`` compares it with other trials on the same prompts and stops hopeless
+``pruning.RungPruner`` compares it with earlier trials on the same prompts and stops hopeless
 contexts early. Pruned trials keep their partial counts. ``scheduler`` runs many trials side
 by side, serving their chunks in shared generation calls.
 """

@@ -66,12 +66,13 @@ def assert_invariant(results):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("rows", ["auto", "fixed"])
 def test_greedy_answers_do_not_depend_on_batch_company(tiny_model_dir, dtype, rows):
-    """On a CPU, ``auto`` lets the row count vary with the call (one at a time: 1 row); the
-    answers must still be identical, which is what allows it."""
+    """In fp32 on a CPU, ``auto`` lets the row count vary with the call (one at a time: 1
+    row); the answers must still be identical, which is what allows it. In bf16 it fills
+    every batch (a CPU's bf16 kernels changed answers with the row count)."""
     loaded = load_model(str(tiny_model_dir), device="cpu", dtype=dtype)
     prompts = rendered(loaded.tokenizer)
     generator = HFGenerator(loaded, batch_size=4, length_bucket=8, invariant_rows=rows)
-    assert generator.fixed_rows == (rows == "fixed")
+    assert generator.fixed_rows == (rows == "fixed" or dtype != "fp32")
     assert_invariant(compositions(generator, prompts, Decoding(max_new_tokens=10)))
 
 

@@ -7,9 +7,11 @@ blocking by shape) and the number of rows (matrix kernels choose reduction strat
 So every prompt is left-padded to its length bucket (a multiple of ``length_bucket`` tokens)
 and a batch holds prompts of one bucket only. On CUDA every batch also has the same number of
 rows (a short batch is filled with copies of its last prompt, answers thrown away): GPU matrix
-kernels pick their reduction strategy by the row count. On a CPU the row count was measured not
-to change an answer (tests/test_batch_invariance.py checks it on every run, bf16 and fp32), so
-batches there hold only the rows they need; ``invariant_rows=fixed`` fills them anyway.
+kernels pick their reduction strategy by the row count, and so do a CPU's bf16 kernels (with
+AMX, one row and four gave different greedy answers). Only in fp32 on a CPU was the row count
+measured not to change an answer (tests/test_batch_invariance.py checks it on every run, bf16
+and fp32), so only there do batches hold just the rows they need (``invariant_rows=auto``);
+``fixed`` fills them anyway.
 Sampling draws each row from its own generator seeded by the prompt (``request_seed``), as
 vllm and openai do.
 The price is padding (and filler rows); ``benchmarks/generation.py`` measures it, and
@@ -59,8 +61,8 @@ class Options:
         default="auto",
         metadata=option(
             "hf, batch-invariant: 'fixed' fills every batch to --batch-size rows; 'as-needed' "
-            "does not; 'auto' fills on CUDA only (on a CPU the row count does not change "
-            "answers).",
+            "does not; 'auto' fills except in fp32 on a CPU (the only case where the row "
+            "count was measured not to change answers).",
         ),
     )
 
@@ -116,7 +118,12 @@ class HFGenerator:
         self.length_bucket = length_bucket
         check_row_mode(invariant_rows)
         on_gpu = getattr(self.model.device, "type", "cpu") == "cuda"
-        self.fixed_rows = invariant_rows == "fixed" or (invariant_rows == "auto" and on_gpu)
+        # bf16 on a CPU with AMX changed answers with the row count (1 row vs 4: 2 of 12
+        # greedy answers, tests/test_batch_invariance.py); fp32 on a CPU did not.
+        full_precision = str(getattr(self.model, "dtype", "")) == "torch.float32"
+        self.fixed_rows = invariant_rows == "fixed" or (
+            invariant_rows == "auto" and (on_gpu or not full_precision)
+        )
         # Invariant answers depend on the fixed shapes, so they are cached apart.
         self.fingerprint = loaded.fingerprint
         if batch_invariant:
