@@ -101,6 +101,9 @@ def main() -> None:
     )
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)  # a child's results
     args = parser.parse_args()
+    unknown = {m for m in args.methods.split(",") if m} - {"sequential", "concurrent"}
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(sorted(unknown))} (sequential, concurrent)")
     work = Path(args.work or tempfile.mkdtemp(prefix="flipsearch-search-bench-"))
     rows: list[dict[str, Any]] = []
     if args.json is None:
