@@ -555,12 +555,12 @@ class ContextObjective:
             if trial.should_prune():
                 self._record_pruned(flight)
                 raise optuna.TrialPruned()
-            if self.leads(flight):
+            rival = self._rival(flight) if self.benign else None  # one read of the study
+            if self.benign and _ahead_of(flight, rival):
                 # With no earlier contender nothing can prune it on flips: it runs to the end
                 # unless its benign refusal stops it, so that is measured first (on prompt
                 # sets made unlike the shipped ones, the strongest contexts refused too much).
-                alone = self._rival(flight) is None
-                share = 1.0 if alone else (start + len(chunk)) / len(self.pool)
+                share = 1.0 if rival is None else (start + len(chunk)) / len(self.pool)
                 infeasible = yield from self._benign_until(flight, share)
                 if infeasible:
                     self._record_pruned(flight, benign_over=True)
@@ -597,10 +597,7 @@ class ContextObjective:
     def leads(self, flight: Flight) -> bool:
         """No earlier contender flips more on the prompts this trial has been scored on: it
         may win, so its benign refusal is measured alongside (and can stop it early)."""
-        if not self.benign:
-            return False
-        best = self._rival(flight)
-        return best is None or best[1] <= flight.flips
+        return bool(self.benign) and _ahead_of(flight, self._rival(flight))
 
     def behind(self, flight: Flight, head: Flight) -> float:
         """How surely ``flight`` will be pruned at its next check: the paired p that it flips
@@ -668,6 +665,11 @@ class ContextObjective:
         row.pruned_by = "benign refusal surely over the limit" if benign_over else reason
         flight.trial.report(row.flip_rate or 0.0, step=MEAN_STEP)
         flight.trial.set_user_attr("row", row.to_dict())
+
+
+def _ahead_of(flight: Flight, rival: tuple[Any, float] | None) -> bool:
+    """No rival, or the rival flips no more than the trial on the prompts both were scored on."""
+    return rival is None or rival[1] <= flight.flips
 
 
 def best_feasible_trial(study: optuna.Study) -> Any:
