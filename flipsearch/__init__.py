@@ -9,6 +9,7 @@ The public API is what this module exports; everything else is private to its mo
     found = flipsearch.search(model="smollm2-135m", trials=30, limit=32, out="runs/s")
     trained = flipsearch.train(flipsearch.TrainConfig(context=str(found.out / "best_context.yaml")))
     flipsearch.render_report(found.out)
+    checked = flipsearch.validate(found.out, train_seeds=2)  # does the flip rate predict training?
 
 The inspect_ai integration (tasks, a scorer and a model API) is in ``flipsearch.inspect_tasks``.
 """
@@ -16,7 +17,7 @@ The inspect_ai integration (tasks, a scorer and a model API) is in ``flipsearch.
 from flipsearch.backends import BackendSpec, Decoding, Generation, make_backend
 from flipsearch.backends.cache import GenerationCache
 from flipsearch.backends.hf import HFGenerator
-from flipsearch.config import TrainConfig
+from flipsearch.config import TrainConfig, ValidateConfig
 from flipsearch.contexts import PLACEMENTS, Context, load_contexts
 from flipsearch.errors import FlipsearchError
 from flipsearch.evaluate import Evaluator, FlipRateResult, StudentBaseline
@@ -33,6 +34,7 @@ from flipsearch.prompts import Prompt, builtin_prompts, load_prompts, split_harm
 from flipsearch.reasoning import ReasoningFormat, ReasoningSettings, ReasoningSplit
 from flipsearch.report import render_report
 from flipsearch.run import RunConfig, RunResult, flip_rate, run, search
+from flipsearch.validate import ValidationResult, validate
 
 __all__ = [
     "PLACEMENTS",
@@ -63,6 +65,8 @@ __all__ = [
     "StudentBaseline",
     "TrainConfig",
     "TrainResult",
+    "ValidateConfig",
+    "ValidationResult",
     "Verdict",
     "builtin_prompts",
     "evaluate_judge",
@@ -82,5 +86,6 @@ __all__ = [
     "split_harmful",
     "train",
     "train_classifier",
+    "validate",
     "wilson_interval",
 ]

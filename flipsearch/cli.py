@@ -32,6 +32,7 @@ from flipsearch.config import (
     SearchConfig,
     SelectionConfig,
     TrainingConfig,
+    ValidateConfig,
 )
 from flipsearch.contexts import PLACEMENTS, context_from_arg, load_contexts
 from flipsearch.errors import FlipsearchError, FlipsearchWarning
@@ -211,6 +212,94 @@ def _print_before_after(summary: dict[str, Any]) -> None:
             *p_and_test("reference_loglik"),
         )
     out_console.print(table)
+
+
+VALIDATE = fields_of(ValidateConfig, "Validation")
+
+
+@app.command("validate")
+@takes(VALIDATE)
+def validate_command(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")], **options: Any
+) -> None:
+    """Train the run's winner, runners-up and a low-flip control with OPSA (and off-policy),
+    evaluate them on prompts no choice saw, and measure whether the flip rate predicted the
+    drop in unsafe rate (Spearman's rho with a bootstrap interval). Re-run to resume."""
+    from flipsearch.validate import validate
+
+    result = validate(run_dir, ValidateConfig(**collected(options, VALIDATE)), err_console)
+    _print_validation(result.summary)
+    out_console.print(
+        f"validation: {result.out / 'validation.json'}; report: {run_dir / 'report.html'}"
+    )
+
+
+def _interval(value: Any, low: Any, high: Any, pct: bool = True) -> str:
+    if value is None:
+        return "n/a"
+    shown = (lambda x: f"{x:+.1%}") if pct else (lambda x: f"{x:+.3f}")
+    if low is None:
+        return shown(value)
+    return f"{shown(value)} [{shown(low)}, {shown(high)}]"
+
+
+def _print_validation(summary: dict[str, Any]) -> None:
+    table = Table(
+        title="flip rate vs what training did (per context)",
+        caption=f"evaluated on {summary['evaluation_split']}; changes vs the untrained student "
+        "(unsafe drop: untrained - trained), mean over seeds, 95% bootstrap intervals over "
+        "prompts and seeds; flip rate on the run's search split (95% Wilson)",
+    )
+    for column in (
+        "context",
+        "role",
+        "mode",
+        "seeds",
+        "flip rate",
+        "unsafe drop",
+        "benign refusal",
+        "reasoning acc.",
+        "ref. log-lik.",
+    ):
+        table.add_column(column)
+    for row in summary["contexts"]:
+        flip = Rate.of(row["flip_rate_count"], row["flip_rate_n"])
+        cells = [
+            _interval(row[n], row[f"{n}_low"], row[f"{n}_high"], pct=n != "reference_loglik_change")
+            for n in (
+                "unsafe_drop",
+                "benign_refusal_change",
+                "reasoning_accuracy_change",
+                "reference_loglik_change",
+            )
+        ]
+        table.add_row(
+            row["context"], row["role"], row["mode"], str(row["seeds"]), str(flip), *cells
+        )
+    out_console.print(table)
+    for name, part in summary["rho"].items():
+        rho = "undefined" if part["rho"] is None else f"{part['rho']:+.2f}"
+        interval = "" if part["low"] is None else f" [{part['low']:+.2f}, {part['high']:+.2f}]"
+        undefined = f", {part['undefined']} undefined" if part["undefined"] else ""
+        out_console.print(
+            f"Spearman rho, flip rate vs {name.replace('_', ' ')}: {rho}{interval} "
+            f"({part['contexts']} contexts, {part['draws']} draws{undefined})"
+        )
+    if summary["offpolicy"]:
+        versus = Table(title="OPSA vs off-policy (same contexts, data, budget and seeds)")
+        for column in ("context", "measure", "OPSA", "off-policy", "OPSA - off-policy"):
+            versus.add_column(column)
+        for row in summary["offpolicy"]:
+            pct = row["measure"] != "reference_loglik_change"
+            versus.add_row(
+                row["context"],
+                row["measure"].replace("_", " "),
+                *(
+                    _interval(row[k], row[f"{k}_low"], row[f"{k}_high"], pct)
+                    for k in ("onpolicy", "offpolicy", "difference")
+                ),
+            )
+        out_console.print(versus)
 
 
 @app.command("export")

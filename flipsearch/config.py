@@ -328,7 +328,7 @@ class TrainingConfig:
             "Then train the student with OPSA on the winner (into OUT/train).", flag="--train"
         ),
     )
-    train_steps: int = field(default=20, metadata=option("Training steps with --train.", min=1))
+    train_steps: int = field(default=12, metadata=option("Training steps with --train.", min=1))
 
 
 # The settings outside the sections: their defaults are ``RunConfig.__init__``'s.
@@ -506,10 +506,16 @@ class TrainConfig:
         default="onpolicy",
         metadata=option("onpolicy (OPSA) or offpolicy (fine-tune on the teacher's responses)."),
     )
-    steps: int = field(default=20, metadata=option("Optimizer steps.", min=1))
-    batch_size: int = field(default=4, metadata=option("Prompts per micro-batch.", min=1))
+    # The budget: on the embedded model, 12 steps of 8 prompts at 2e-4 took the held-out
+    # unsafe rate from 87.5% to 62.5% (p=0.004) with the run's winner and left it at 87.5%
+    # with a no-flip control (README: what it costs). Larger models want a smaller --lr.
+    steps: int = field(default=12, metadata=option("Optimizer steps.", min=1))
+    batch_size: int = field(default=8, metadata=option("Prompts per micro-batch.", min=1))
     grad_accum: int = field(default=1, metadata=option("Micro-batches per step.", min=1))
-    lr: float = field(default=1e-5, metadata=option("Peak learning rate (AdamW).", min=0))
+    lr: float = field(
+        default=2e-4,
+        metadata=option("Peak learning rate (AdamW; chosen for the embedded model).", min=0),
+    )
     warmup_steps: int = field(default=2, metadata=option("Linear warm-up steps.", min=0))
     weight_decay: float = field(default=0.0, metadata=option("AdamW weight decay.", min=0))
     max_grad_norm: float = field(default=1.0, metadata=option("Gradient clipping.", min=0))
@@ -555,6 +561,7 @@ class TrainConfig:
     dtype: str = field(
         default="auto", metadata=option("Autocast: auto (bf16 where native) or fp32.")
     )  # weights stay fp32
+    device: str = field(default="auto", metadata=option("Where to train: auto, cpu, cuda:N."))
     judge: str = field(
         default="refusal", metadata=option("Safety judge of the before/after evaluation.")
     )
@@ -608,6 +615,7 @@ class TrainConfig:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise FlipsearchError("--steps, --batch-size and --grad-accum must be at least 1")
         check_dtype(self.dtype, ("auto", "fp32", "bf16", "fp16"))
+        check_device(self.device)
         self.reasoning()  # markers and template arguments checked before anything loads
         if self.judge_on not in ("auto", *SCOPES):
             raise FlipsearchError(
@@ -648,3 +656,88 @@ class TrainConfig:
             self.reasoning_end,
             self.max_thinking_tokens,
         )
+
+
+@dataclass
+class ValidateConfig:
+    """``flipsearch validate RUN_DIR``: which contexts are trained, how, and how the answer is
+    measured. Every training gets the same data, budget and seeds; the other training settings
+    are ``TrainConfig``'s defaults with the run's model, prompts, judges and response length.
+    The defaults fit 2 CPU cores in about 30 minutes on the embedded model."""
+
+    contexts: list[str] = field(
+        default_factory=list,
+        metadata=option(
+            "A context to train: a leaderboard id of the run, a YAML file or a text; "
+            "repeatable. Default: the winner, --runners-up, --between and the control."
+        ),
+    )
+    runners_up: int = field(
+        default=1, metadata=option("Leaderboard contexts after the winner to train.", min=0)
+    )
+    between: int = field(
+        default=1,
+        metadata=option(
+            "Contexts with flip rates evenly spread between the runners-up and the control.",
+            min=0,
+        ),
+    )
+    control: bool = field(
+        default=True,
+        metadata=option("Also train the complete context with the lowest flip rate (a control)."),
+    )
+    train_seeds: int = field(
+        default=2, metadata=option("Trainings per context, seeds 0..N-1 (training noise).", min=1)
+    )
+    offpolicy: bool = field(
+        default=False,
+        metadata=option(
+            "Also train the off-policy baseline on the same contexts.", flag="--offpolicy"
+        ),
+    )
+    offpolicy_limit: int = field(
+        default=0,
+        metadata=option(
+            "With --offpolicy, the baseline on the first N chosen contexts only (the winner "
+            "first; 0: on all).",
+            min=0,
+        ),
+    )
+    devices: list[str] = field(
+        default_factory=list,
+        metadata=option(
+            "Train side by side, one training per device (repeatable: --devices cuda:0 "
+            "--devices cuda:1, or cuda:0,cuda:1). Default: one at a time on auto."
+        ),
+    )
+    steps: int = field(
+        default=TrainConfig.steps, metadata=option("Optimizer steps per training.", min=1)
+    )
+    lr: float = field(default=TrainConfig.lr, metadata=option("Peak learning rate (AdamW).", min=0))
+    batch_size: int = field(
+        default=TrainConfig.batch_size, metadata=option("Prompts per step.", min=1)
+    )
+    eval_limit: int = field(
+        default=48, metadata=option("Evaluation prompts of each kind (unseen by the run).", min=1)
+    )
+    bootstrap: int = field(
+        default=2000, metadata=option("Bootstrap draws of every interval.", min=100)
+    )
+    keep_weights: bool = field(
+        default=False,
+        metadata=option("Keep each trained student's weights (final/); ~0.5 GB each here."),
+    )
+
+    def __post_init__(self) -> None:
+        self.devices = [d.strip() for item in self.devices for d in item.split(",") if d.strip()]
+        for device in self.devices:
+            check_device(device)
+        for name in ("runners_up", "between"):
+            if getattr(self, name) < 0:
+                raise FlipsearchError(f"--{name.replace('_', '-')} must be at least 0")
+        if self.train_seeds < 1 or self.steps < 1 or self.batch_size < 1 or self.eval_limit < 1:
+            raise FlipsearchError(
+                "--train-seeds, --steps, --batch-size and --eval-limit must be at least 1"
+            )
+        if self.bootstrap < 100:
+            raise FlipsearchError("--bootstrap must be at least 100 draws")

@@ -35,7 +35,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -346,7 +346,16 @@ def _autocast_dtype(loaded: LoadedModel, dtype: str) -> Any:
 class Trainer:
     """Holds the student, the frozen teacher, the optimizer and the data stream."""
 
-    def __init__(self, config: TrainConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        loaded: LoadedModel | None = None,
+        *,
+        harmful: Sequence[Prompt] | None = None,
+        benign: Sequence[Prompt] | None = None,
+    ) -> None:
+        """``harmful`` and ``benign`` train on these prompts instead of the prompt sets'
+        (``validate`` trains on a run's search and selection splits)."""
         check_divergence(config.divergence, config.support)
         self.config = config
         self.reasoning = config.reasoning()
@@ -361,6 +370,7 @@ class Trainer:
             prompts=config.prompts,
             limit=config.limit,
             seed=config.seed,
+            device=config.device,
             dtype="fp32",
             judge=config.judge,
             refusal_judge=config.refusal_judge,
@@ -369,7 +379,8 @@ class Trainer:
             judge_on=config.judge_on,
             reasoning=self.reasoning,
         )
-        self.harmful, self.benign = self.session.harmful, self.session.benign
+        self.harmful = list(harmful) if harmful is not None else self.session.harmful
+        self.benign = list(benign) if benign is not None else self.session.benign
         if not self.harmful:
             raise FlipsearchError("training needs harmful prompts; the prompt sets have none")
         if config.harmful_fraction < 1 and not self.benign:
@@ -649,7 +660,7 @@ def train(
     console = console or Console(stderr=True)
     trainer = Trainer(config, loaded)
     out = trainer.out
-    _bind_training(out / "train_config.json", asdict(config), resume)
+    bind_training(out / "train_config.json", asdict(config), resume)
     trainer.harmful, holdout = split_for_training(trainer.harmful, config.seed)
     trainer.benign, benign_holdout = split_for_training(trainer.benign, config.seed)
     reasoning = stratified_subset(trainer.session.reasoning, config.eval_limit, config.seed)
@@ -664,8 +675,7 @@ def train(
     )
     if resume and not trainer.load_checkpoint():
         console.print("no checkpoint to resume from; starting from step 0")
-    metrics_path = out / "metrics.jsonl"
-    _truncate_metrics(metrics_path, trainer.step)
+    truncate_metrics(out / "metrics.jsonl", trainer.step)
     if "before" not in summary:
         with status(console, "evaluating the student before training"):
             summary["before"] = evaluate_student(
@@ -676,15 +686,12 @@ def train(
         task = progress.add_task(
             f"{config.mode} training", total=config.steps, completed=trainer.step
         )
-        while trainer.step < config.steps:
-            record = trainer.train_step()
-            with metrics_path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            progress.update(
-                task, completed=trainer.step, description=f"{config.mode} loss {record['loss']:.4f}"
-            )
-            if trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps:
-                trainer.save_checkpoint()
+
+        def show(record: dict[str, Any]) -> None:
+            loss = f"{config.mode} loss {record['loss']:.4f}"
+            progress.update(task, completed=trainer.step, description=loss)
+
+        run_steps(trainer, show)
     trainer.model.save_pretrained(out / "final")
     trainer.tokenizer.save_pretrained(out / "final")
     with status(console, "evaluating the student after training"):
@@ -707,9 +714,26 @@ def train(
     return TrainResult(out, summary, student)
 
 
-def _bind_training(path: Path, settings: dict[str, Any], resume: bool) -> None:
+def run_steps(trainer: Trainer, on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Step ``trainer`` to ``config.steps``: each step's record appended to ``metrics.jsonl``,
+    a checkpoint every ``checkpoint_every`` steps and after the last (``train`` and
+    ``validate`` both train through here)."""
+    config = trainer.config
+    metrics_path = trainer.out / "metrics.jsonl"
+    while trainer.step < config.steps:
+        record = trainer.train_step()
+        with metrics_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if on_step is not None:
+            on_step(record)
+        if trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps:
+            trainer.save_checkpoint()
+
+
+def bind_training(path: Path, settings: dict[str, Any], resume: bool) -> None:
     """A resumed training must continue the one its checkpoint came from: the same settings,
-    except ``steps`` (a longer run may continue a shorter one)."""
+    except ``steps`` (a longer run may continue a shorter one) and ``device`` (a checkpoint
+    continues on another GPU)."""
     if resume and path.is_file():
         try:
             before = json.loads(path.read_text(encoding="utf-8"))
@@ -718,7 +742,7 @@ def _bind_training(path: Path, settings: dict[str, Any], resume: bool) -> None:
         differences = [
             f"{key}: {before.get(key)!r} then, {value!r} now"
             for key, value in settings.items()
-            if key != "steps" and key in before and before[key] != value
+            if key not in ("steps", "device") and key in before and before[key] != value
         ]
         if differences:
             raise FlipsearchError(
@@ -728,7 +752,7 @@ def _bind_training(path: Path, settings: dict[str, Any], resume: bool) -> None:
     write_atomic(path, json.dumps(settings, indent=2))
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past the checkpoint a resumed run restarts from."""
     if not path.is_file():
         return

@@ -7,8 +7,6 @@ Jinja2's autoescaping (generations are untrusted input).
 
 from __future__ import annotations
 
-import base64
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,9 @@ from flipsearch.errors import FlipsearchError
 from flipsearch.fliprate import Rate, format_count
 from flipsearch.io import read_json, read_jsonl, read_text, yaml_where
 from flipsearch.leaderboard import measured
+from flipsearch.plots import data_uri as _data_uri
+from flipsearch.plots import pyplot as _pyplot
+from flipsearch.report_validation import read_validation, validation_view
 
 
 def render_report(run_dir: str | Path, templates: str | Path | None = None) -> Path:
@@ -100,6 +101,7 @@ def _html(
         token_kl=token_kl,
         training=_before_after(training) if training and "after" in training else None,
         training_plot=_training_plot(train_metrics) if train_metrics else None,
+        validation=validation_view(files.validation) if files.validation else None,
         invalid=_invalid_counts(results),
         unfinished_column="unfinished" in leaderboard
         and bool(leaderboard["unfinished"].fillna(0).astype(float).sum()),
@@ -134,6 +136,7 @@ class _RunFiles:
     training: dict[str, Any] | None
     train_metrics: list[dict[str, Any]]
     best_context: dict[str, Any] | None
+    validation: dict[str, Any] | None = None  # validate/validation.json
 
 
 def _read_run(run_dir: Path) -> _RunFiles:
@@ -179,6 +182,7 @@ def _read_run(run_dir: Path) -> _RunFiles:
         training,
         _read_train_metrics(run_dir / "train" / "metrics.jsonl"),
         _read_best_context(run_dir),
+        read_validation(run_dir),
     )
 
 
@@ -583,25 +587,6 @@ def _kl_plot(token_kl: dict[str, Any]) -> str | None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _data_uri(fig)
-
-
-def _pyplot() -> Any:
-    """matplotlib's pyplot on the file-only Agg backend (reports are written, never shown)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _data_uri(fig: Any) -> str:
-    plt = _pyplot()
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def _flip_rate_plot(leaderboard: pd.DataFrame) -> str:

@@ -159,7 +159,7 @@ def run(
     session = Session.from_config(
         config, model=model, judge=judge, refusal_judge=refusal_judge, console=console
     )
-    splits = _splits(session, config)
+    splits = run_splits(session, config)
     searched = contexts is None and config.search.trials > 0
     # Every file is read and checked before the model loads.
     grammar = (
@@ -231,7 +231,8 @@ def _named(
     return replace(config, model=model.name if model is not None else config.model, judges=judges)
 
 
-def _splits(session: Session, config: RunConfig) -> _Splits:
+def run_splits(session: Session, config: RunConfig) -> _Splits:
+    """The run's search, selection and final splits (harmful and benign), as it made them."""
     harmful = session.harmful
     if not harmful:
         raise FlipsearchError("the prompt sets hold no harmful prompts; flip rates need them")

@@ -10,7 +10,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(2700)
 def test_embedded_model_run_end_to_end(tmp_path):
     out = tmp_path / "run"
     # Every seed context once (26 trials), on the first 16 prompts of each kind.
@@ -46,6 +46,25 @@ def test_embedded_model_run_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "generated 0 student and 0 teacher prompts" in again.stdout
     assert pd.read_csv(out / "leaderboard.csv").equals(leaderboard)
+    _validate_smaller(out)
+
+
+def _validate_smaller(out):
+    """``flipsearch validate`` on that run, smaller than its default: three contexts from the
+    winner down to the control, one seed, two steps, eight evaluation prompts of each kind."""
+    from flipsearch.validate import validate
+
+    result = validate(
+        out, steps=2, train_seeds=1, runners_up=0, between=1, eval_limit=8, bootstrap=200
+    )
+    contexts = result.contexts()
+    assert list(contexts["role"]) == ["winner", "between", "control"]
+    assert contexts["flip_rate"].iloc[0] >= contexts["flip_rate"].iloc[-1]
+    assert result.summary["rho"]["unsafe_drop"]["contexts"] == 3
+    untrained = result.summary["untrained"]["unsafe_rate"]
+    assert untrained["n"] == 8  # unseen prompts: the final split and what --limit left out
+    report = (out / "report.html").read_text()
+    assert "Validation: did the flip rate predict" in report and "flip rate vs unsafe" in report
 
 
 STRONG_CONTEXT = (

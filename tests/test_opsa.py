@@ -316,11 +316,11 @@ def test_before_and_after_are_compared_paired_on_the_same_prompts():
 
 def test_a_resumed_training_refuses_other_settings_but_may_run_longer(tmp_path):
     from flipsearch.errors import FlipsearchError
-    from flipsearch.opsa import _bind_training
+    from flipsearch.opsa import bind_training
 
     path = tmp_path / "train_config.json"
-    _bind_training(path, {"lr": 1e-5, "steps": 10}, resume=False)
-    _bind_training(path, {"lr": 1e-5, "steps": 20}, resume=True)  # longer: fine
+    bind_training(path, {"lr": 1e-5, "steps": 10}, resume=False)
+    bind_training(path, {"lr": 1e-5, "steps": 20}, resume=True)  # longer: fine
     with pytest.raises(FlipsearchError, match=r"lr: 1e-05 then, 0\.001 now"):
-        _bind_training(path, {"lr": 1e-3, "steps": 20}, resume=True)
-    _bind_training(path, {"lr": 1e-3, "steps": 20}, resume=False)  # a fresh start rebinds
+        bind_training(path, {"lr": 1e-3, "steps": 20}, resume=True)
+    bind_training(path, {"lr": 1e-3, "steps": 20}, resume=False)  # a fresh start rebinds
