@@ -459,8 +459,11 @@ def validate(
 
 
 def _bind(path: Path, config: ValidateConfig) -> None:
-    """A resumed validate must train what the finished trainings trained."""
-    settings = {k: v for k, v in asdict(config).items() if k not in ("devices", "keep_weights")}
+    """A resumed validate must train what the finished trainings trained. Where they run
+    (``devices``), what is kept, the bootstrap and whether off-policy baselines are added may
+    change: each training's own settings are bound in its directory."""
+    free = ("devices", "keep_weights", "bootstrap", "offpolicy", "offpolicy_limit")
+    settings = {k: v for k, v in asdict(config).items() if k not in free}
     if path.is_file():
         before = read_json(path)
         changed = [k for k, v in settings.items() if before.get(k, v) != v]
