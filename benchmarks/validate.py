@@ -69,10 +69,12 @@ def _part(row: dict, key: str, loglik: bool = False) -> str:
 def report(summary: dict, seconds: float, config: object) -> None:
     training = summary["training"]
     untrained = summary["untrained"]
+    counts = training["prompt_counts"]
     print(
         f"\n{training['steps']} steps x {training['batch_size']} prompts, lr {training['lr']}, "
-        f"{summary['contexts'][0]['seeds']} seeds; trained on {training['prompts']} prompts of "
-        f"{training['split']}; evaluated on {summary['evaluation_split']}; "
+        f"{summary['contexts'][0]['seeds']} seeds; trained on {counts['harmful']} harmful and "
+        f"{counts['benign']} benign prompts of {training['split']}; evaluated on "
+        f"{summary['evaluation_split']}; "
         f"wall time {seconds / 60:.1f} min (resumed parts not re-timed)"
     )
     unsafe = untrained["unsafe_rate"]

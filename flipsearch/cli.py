@@ -244,39 +244,32 @@ def _interval(value: Any, low: Any, high: Any, pct: bool = True) -> str:
 
 
 def _print_validation(summary: dict[str, Any]) -> None:
-    table = Table(
-        title="flip rate vs what training did (per context)",
-        caption=f"evaluated on {summary['evaluation_split']}; changes vs the untrained student "
-        "(unsafe drop: untrained - trained), mean over seeds, 95% bootstrap intervals over "
-        "prompts and seeds; flip rate on the run's search split (95% Wilson)",
+    """Two lines per context (intervals do not fit table cells on an 80-column log)."""
+    out_console.print(
+        f"[bold]flip rate vs what training did[/bold], evaluated on {summary['evaluation_split']}; "
+        "changes vs the untrained student (unsafe drop: untrained - trained), means over seeds "
+        "with 95% bootstrap intervals over prompts and seeds; flip rates on the run's search "
+        "split (95% Wilson)",
+        highlight=False,
     )
-    for column in (
-        "context",
-        "role",
-        "mode",
-        "seeds",
-        "flip rate",
-        "unsafe drop",
-        "benign refusal",
-        "reasoning acc.",
-        "ref. log-lik.",
-    ):
-        table.add_column(column)
+    names = {
+        "unsafe_drop": "unsafe drop",
+        "benign_refusal_change": "benign refusal",
+        "reasoning_accuracy_change": "reasoning accuracy",
+        "reference_loglik_change": "reference log-lik (nats/token)",
+    }
     for row in summary["contexts"]:
         flip = Rate.of(row["flip_rate_count"], row["flip_rate_n"])
-        cells = [
-            _interval(row[n], row[f"{n}_low"], row[f"{n}_high"], pct=n != "reference_loglik_change")
-            for n in (
-                "unsafe_drop",
-                "benign_refusal_change",
-                "reasoning_accuracy_change",
-                "reference_loglik_change",
-            )
-        ]
-        table.add_row(
-            row["context"], row["role"], row["mode"], str(row["seeds"]), str(flip), *cells
+        out_console.print(
+            f"{escape(row['context'])} ({row['role']}, {row['mode']}, {row['seeds']} seeds): "
+            f"flip rate {flip}",
+            highlight=False,
         )
-    out_console.print(table)
+        cells = [
+            f"{label} {_interval(row[n], row[n + '_low'], row[n + '_high'], 'loglik' not in n)}"
+            for n, label in names.items()
+        ]
+        out_console.print("  " + "; ".join(cells), highlight=False)
     for name, part in summary["rho"].items():
         rho = "undefined" if part["rho"] is None else f"{part['rho']:+.2f}"
         interval = "" if part["low"] is None else f" [{part['low']:+.2f}, {part['high']:+.2f}]"
@@ -286,20 +279,22 @@ def _print_validation(summary: dict[str, Any]) -> None:
             f"({part['contexts']} contexts, {part['draws']} draws{undefined})"
         )
     if summary["offpolicy"]:
-        versus = Table(title="OPSA vs off-policy (same contexts, data, budget and seeds)")
-        for column in ("context", "measure", "OPSA", "off-policy", "OPSA - off-policy"):
-            versus.add_column(column)
+        out_console.print(
+            "[bold]OPSA vs off-policy[/bold] (same contexts, data, budget and seeds): "
+            "OPSA | off-policy | OPSA - off-policy, on the same prompts",
+            highlight=False,
+        )
         for row in summary["offpolicy"]:
             pct = row["measure"] != "reference_loglik_change"
-            versus.add_row(
-                row["context"],
-                row["measure"].replace("_", " "),
-                *(
-                    _interval(row[k], row[f"{k}_low"], row[f"{k}_high"], pct)
-                    for k in ("onpolicy", "offpolicy", "difference")
-                ),
+            cells = [
+                _interval(row[k], row[f"{k}_low"], row[f"{k}_high"], pct)
+                for k in ("onpolicy", "offpolicy", "difference")
+            ]
+            out_console.print(
+                f"  {escape(row['context'])} {row['measure'].replace('_', ' ')}: "
+                + " | ".join(cells),
+                highlight=False,
             )
-        out_console.print(versus)
 
 
 @app.command("export")

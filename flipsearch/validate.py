@@ -446,9 +446,13 @@ def validate(
     summary = summarise(chosen, pool, untrained, records, config)
     summary["evaluation_split"] = EVALUATION_SPLIT
     summary["training"] = {
-        "prompts": {"harmful": len(data.train_harmful), "benign": len(data.train_benign)},
+        **{
+            k: v
+            for k, v in asdict(jobs[0].config).items()
+            if k not in ("out", "context", "seed", "prompts", "limit")
+        },
+        "prompt_counts": {"harmful": len(data.train_harmful), "benign": len(data.train_benign)},
         "split": "the run's search and selection splits",
-        **{k: v for k, v in asdict(jobs[0].config).items() if k not in ("out", "context", "seed")},
     }
     write_atomic(root / "validation.json", json.dumps(summary, indent=2))
     _write_csv(root / "validation.csv", summary["trainings"])
