@@ -684,7 +684,10 @@ class ValidateConfig:
     )
     control: bool = field(
         default=True,
-        metadata=option("Also train the complete context with the lowest flip rate (a control)."),
+        metadata=option(
+            "Also train the leaderboard's lowest-flip context (a control; among equals the one "
+            "measured on the most prompts)."
+        ),
     )
     train_seeds: int = field(
         default=2, metadata=option("Trainings per context, seeds 0..N-1 (training noise).", min=1)
