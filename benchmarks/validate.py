@@ -57,16 +57,9 @@ def main() -> None:
     report(result.summary, seconds, config)
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:+.1%}"
-
-
-def _part(row: dict, key: str, loglik: bool = False) -> str:
-    shown = (lambda v: "n/a" if v is None else f"{v:+.3f}") if loglik else _pct
-    return f"{shown(row[key])} [{shown(row[key + '_low'])}, {shown(row[key + '_high'])}]"
-
-
 def report(summary: dict, seconds: float, config: object) -> None:
+    from flipsearch.report_validation import change_text
+
     training = summary["training"]
     untrained = summary["untrained"]
     counts = training["prompt_counts"]
@@ -89,9 +82,9 @@ def report(summary: dict, seconds: float, config: object) -> None:
     for row in summary["contexts"]:
         print(
             f"{row['context'][:34]:34} {row['role']:10} {row['mode']:9} {row['flip_rate']:9.1%}  "
-            f"{_part(row, 'unsafe_drop'):26} {_part(row, 'benign_refusal_change'):26} "
-            f"{_part(row, 'reasoning_accuracy_change'):26} "
-            f"{_part(row, 'reference_loglik_change', loglik=True)}"
+            f"{change_text(row, 'unsafe_drop'):26} {change_text(row, 'benign_refusal_change'):26} "
+            f"{change_text(row, 'reasoning_accuracy_change'):26} "
+            f"{change_text(row, 'reference_loglik_change')}"
         )
     print("\nper training (unsafe rate after, exact McNemar p vs the untrained student)")
     for row in summary["trainings"]:
@@ -110,11 +103,10 @@ def report(summary: dict, seconds: float, config: object) -> None:
         )
     print("\nclaim 2: OPSA vs off-policy on the winner (same data, budget, seeds)")
     for row in summary["offpolicy"]:
-        loglik = row["measure"] == "reference_loglik_change"
-        print(
-            f"  {row['measure']:28} OPSA {_part(row, 'onpolicy', loglik):26} off-policy "
-            f"{_part(row, 'offpolicy', loglik):26} difference {_part(row, 'difference', loglik)}"
+        opsa, baseline, gap = (
+            change_text(row, k, row["measure"]) for k in ("onpolicy", "offpolicy", "difference")
         )
+        print(f"  {row['measure']:28} OPSA {opsa:26} off-policy {baseline:26} difference {gap}")
 
 
 if __name__ == "__main__":

@@ -234,17 +234,10 @@ def validate_command(
     )
 
 
-def _interval(value: Any, low: Any, high: Any, pct: bool = True) -> str:
-    if value is None:
-        return "n/a"
-    shown = (lambda x: f"{x:+.1%}") if pct else (lambda x: f"{x:+.3f}")
-    if low is None:
-        return shown(value)
-    return f"{shown(value)} [{shown(low)}, {shown(high)}]"
-
-
 def _print_validation(summary: dict[str, Any]) -> None:
     """Two lines per context (intervals do not fit table cells on an 80-column log)."""
+    from flipsearch.report_validation import change_text
+
     out_console.print(
         f"[bold]flip rate vs what training did[/bold], evaluated on {summary['evaluation_split']}; "
         "changes vs the untrained student (unsafe drop: untrained - trained), means over seeds "
@@ -265,10 +258,7 @@ def _print_validation(summary: dict[str, Any]) -> None:
             f"flip rate {flip}",
             highlight=False,
         )
-        cells = [
-            f"{label} {_interval(row[n], row[n + '_low'], row[n + '_high'], 'loglik' not in n)}"
-            for n, label in names.items()
-        ]
+        cells = [f"{label} {change_text(row, n)}" for n, label in names.items()]
         out_console.print("  " + "; ".join(cells), highlight=False)
     for name, part in summary["rho"].items():
         rho = "undefined" if part["rho"] is None else f"{part['rho']:+.2f}"
@@ -285,10 +275,8 @@ def _print_validation(summary: dict[str, Any]) -> None:
             highlight=False,
         )
         for row in summary["offpolicy"]:
-            pct = row["measure"] != "reference_loglik_change"
             cells = [
-                _interval(row[k], row[f"{k}_low"], row[f"{k}_high"], pct)
-                for k in ("onpolicy", "offpolicy", "difference")
+                change_text(row, k, row["measure"]) for k in ("onpolicy", "offpolicy", "difference")
             ]
             out_console.print(
                 f"  {escape(row['context'])} {row['measure'].replace('_', ' ')}: "

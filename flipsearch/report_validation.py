@@ -27,10 +27,13 @@ def read_validation(run_dir: Path) -> dict[str, Any] | None:
     return dict(data)
 
 
-def _shown(value: Any, low: Any, high: Any, name: str) -> str:
+def change_text(row: dict[str, Any], key: str, measure: str | None = None) -> str:
+    """``row[key]`` with its interval (``key_low``, ``key_high``): nats per token for the
+    log-likelihood change (``measure``, default ``key``), percentage points otherwise."""
+    fmt = "{:+.3f}" if (measure or key) == LOGLIK else "{:+.1%}"
+    value, low, high = row[key], row[f"{key}_low"], row[f"{key}_high"]
     if value is None:
         return "n/a"
-    fmt = "{:+.3f}" if name == LOGLIK else "{:+.1%}"
     if low is None:
         return fmt.format(value)
     return f"{fmt.format(value)} [{fmt.format(low)}, {fmt.format(high)}]"
@@ -46,7 +49,7 @@ def validation_view(data: dict[str, Any]) -> dict[str, Any]:
             "mode": row["mode"],
             "seeds": row["seeds"],
             "flip_rate": str(Rate.of(row["flip_rate_count"], row["flip_rate_n"])),
-            "cells": [_shown(row[n], row[f"{n}_low"], row[f"{n}_high"], n) for n in names],
+            "cells": [change_text(row, n) for n in names],
         }
         for row in data["contexts"]
     ]
@@ -55,8 +58,7 @@ def validation_view(data: dict[str, Any]) -> dict[str, Any]:
             "context": row["context"],
             "measure": row["measure"].replace("_", " "),
             "cells": [
-                _shown(row[k], row[f"{k}_low"], row[f"{k}_high"], row["measure"])
-                for k in ("onpolicy", "offpolicy", "difference")
+                change_text(row, k, row["measure"]) for k in ("onpolicy", "offpolicy", "difference")
             ],
         }
         for row in data["offpolicy"]

@@ -317,7 +317,7 @@ def train_job(
     return record
 
 
-def _device_worker(device: str, jobs: list[Job], data: ValidationData, keep: bool) -> list[str]:
+def _device_worker(device: str, jobs: list[Job], data: ValidationData, keep: bool) -> None:
     """A child process's share of the trainings, one after another on its device."""
     import torch
 
@@ -325,7 +325,6 @@ def _device_worker(device: str, jobs: list[Job], data: ValidationData, keep: boo
         torch.set_num_threads(1)
     for job in jobs:
         train_job(replace(job, config=replace(job.config, device=device)), data, keep)
-    return [job.label for job in jobs]
 
 
 def run_jobs(

@@ -49,7 +49,7 @@ def summarise(
     draws = config.bootstrap
     flips = {label(c.context.id, "onpolicy"): c.flips for c in chosen}
     rho = {
-        name: {**rho_interval(flips, pool, matrices[metric], draws, seed=1, sign=sign)}
+        name: rho_interval(flips, pool, matrices[metric], draws, seed=1, sign=sign)
         for metric, name, sign in CHANGES
     }
     return {
