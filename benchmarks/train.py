@@ -10,7 +10,11 @@ still differs (the trainers' own defaults, kept): TRL's distillation_alpha (0.5)
 sampling clip, its per-sequence loss averaging and its own teacher copy loaded from the path;
 flipsearch uses the reverse KL averaged per token. Trained tokens/s counts response tokens trained
 on per second of wall time, generation included. A last row runs flipsearch with bf16 weights (its
-default where the CPU has native bf16), which the fp32 comparison leaves out.
+default where the CPU has native bf16), which the fp32 comparison leaves out; on a CPU without
+native bf16 it is skipped (emulated bf16 is slower than fp32 and nobody would train that way).
+flipsearch's process asks glibc to keep freed blocks (``flipsearch/cpu_kernels.py``); the
+``trl-kept-memory`` row gives TRL's process the same allocator setting through glibc's
+environment variables, so the ratio without the allocator's share can be read too.
 """
 
 from __future__ import annotations
@@ -115,7 +119,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, float]:
 
 
 def child(which: str, args: argparse.Namespace) -> None:
-    if which == "trl":
+    if which.startswith("trl"):
         result = run_trl(args)
     else:
         result = run_flipsearch(args, "bf16" if which == "flipsearch-bf16" else "fp32")
@@ -143,15 +147,24 @@ def main() -> None:
     print(
         f"{'trainer':<16} {'tokens':>7} {'seconds':>8} {'tok/s':>7} {'s/step':>7} {'peak RSS':>9}"
     )
-    for which in ("flipsearch", "trl", "flipsearch-bf16"):
+    import torch
+
+    from flipsearch.models import default_dtype
+
+    for which in ("flipsearch", "trl", "trl-kept-memory", "flipsearch-bf16"):
         env = dict(os.environ)
-        if which == "trl":
+        if which == "flipsearch-bf16" and default_dtype("cpu") != torch.bfloat16:
+            print(f"{which:<16} skipped: this CPU computes bf16 only by emulation")
+            continue
+        if which.startswith("trl"):
             if not args.trl_path:
                 print(
-                    f"{'trl':<16} skipped: pass --trl-path (pip install --target DIR trl==1.16.0)"
+                    f"{which:<16} skipped: pass --trl-path (pip install --target DIR trl==1.16.0)"
                 )
                 continue
             env["PYTHONPATH"] = args.trl_path + os.pathsep + env.get("PYTHONPATH", "")
+        if which == "trl-kept-memory":  # what cpu_kernels.keep_freed_memory asks of glibc
+            env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 30), MALLOC_TRIM_THRESHOLD_=str(1 << 32))
         argv = [
             sys.executable,
             __file__,

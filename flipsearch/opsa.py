@@ -36,6 +36,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,10 @@ from flipsearch.backends._base import Decoding, Generation
 from flipsearch.backends.hf import HFGenerator
 from flipsearch.config import TrainConfig
 from flipsearch.contexts import Context, Renderer, context_from_arg
+from flipsearch.cpu_kernels import keep_freed_memory, packed_linears
 from flipsearch.errors import FlipsearchError
 from flipsearch.io import prepare_out_dir, write_atomic
+from flipsearch.lean_layers import lean_activations
 from flipsearch.models import LoadedModel
 from flipsearch.progress import make_progress, status
 from flipsearch.prompts import Prompt, stratified_subset
@@ -87,6 +90,9 @@ def token_divergence(
     and under ``topk`` renormalises both over the teacher's top-k tokens instead of keeping a
     tail bucket (the paper's k = 64: ``--support topk --top-k 64``).
     """
+    if divergence == "reverse" and support == "full":  # the default: one fused pass
+        loss = FusedReverseKL.apply(student_logits.float(), teacher_logits.float())
+        return loss, loss.detach()
     log_s = F.log_softmax(student_logits.float(), dim=-1)
     log_t = F.log_softmax(teacher_logits.float(), dim=-1)
     with torch.no_grad():
@@ -120,6 +126,29 @@ def token_divergence(
         )
         loss = alpha * reverse_kl(log_t, log_m) + (1 - alpha) * reverse_kl(log_s, log_m)
     return loss, kl
+
+
+class FusedReverseKL(torch.autograd.Function):
+    """Per-token KL(softmax(s) || softmax(t)) over the whole vocabulary, with its gradient in
+    closed form: d KL / d s = p_s (log p_s - log p_t - KL). Autograd would keep four
+    (tokens x vocabulary) tensors and walk back through log-softmax, exp and the product; this
+    keeps the one gradient, computed in place during the forward pass, and the backward pass
+    only scales it. The teacher's logits get no gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> Any:
+        with torch.no_grad():
+            log_s = F.log_softmax(student_logits, dim=-1)
+            p_s = log_s.exp()
+            gap = log_s.sub_(F.log_softmax(teacher_logits, dim=-1))  # log p_s - log p_t
+            kl = torch.linalg.vecdot(p_s, gap)
+            ctx.save_for_backward(gap.sub_(kl[:, None]).mul_(p_s))
+        return kl
+
+    @staticmethod
+    def backward(ctx: Any, grad_kl: torch.Tensor) -> Any:
+        (gradient,) = ctx.saved_tensors
+        return gradient * grad_kl[:, None], None
 
 
 def _with_tail(log_top: torch.Tensor) -> torch.Tensor:
@@ -184,11 +213,12 @@ def _sequences(examples: Sequence[Example], teacher: bool, pad_id: int) -> tuple
 
 
 def _hidden(model: Any, ids: torch.Tensor, mask: torch.Tensor, autocast: Any) -> torch.Tensor:
-    """Final hidden states (B, T, H); logits are made from them chunk by chunk."""
-    with torch.autocast(
-        "cpu" if ids.device.type == "cpu" else "cuda", dtype=autocast, enabled=autocast is not None
-    ):
-        return model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    """Final hidden states (B, T, H); logits are made from them chunk by chunk. With
+    gradients, the gated MLPs and RMSNorms keep fewer activations (flipsearch/lean_layers.py)."""
+    device_type = "cpu" if ids.device.type == "cpu" else "cuda"
+    lean = lean_activations(model) if torch.is_grad_enabled() else nullcontext()
+    with lean, torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
+        return model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
 
 def distillation_loss(
@@ -223,9 +253,11 @@ def distillation_loss(
         part = slice(start, start + config.chunk_tokens)
         # At the rollouts' temperature (as TRL does): the distributions the student sampled
         # from and the teacher's at the same temperature are the ones compared.
-        s_logits = student.lm_head(detached[part]).float() / config.temperature
+        s_logits = student.lm_head(detached[part]).float()
         with torch.no_grad():
-            t_logits = teacher.lm_head(t_states[part]).float() / config.temperature
+            t_logits = teacher.lm_head(t_states[part]).float()
+        if config.temperature != 1.0:
+            s_logits, t_logits = s_logits / config.temperature, t_logits / config.temperature
         loss, kl = token_divergence(
             s_logits,
             t_logits,
@@ -402,9 +434,15 @@ class Trainer:
             self.tokenizer, window, limit_len, self.reasoning.chat_template_args
         )
         self.format = detect_format(self.tokenizer, self.reasoning)
+        # Fused: one kernel over all parameters (TRL's default through transformers, too).
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+            self.model.parameters(),
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            fused=self.model.device.type in ("cpu", "cuda"),
         )
+        if self.model.device.type == "cpu":
+            keep_freed_memory()  # vocabulary-wide logits each chunk (flipsearch/cpu_kernels.py)
         self.scheduler = _schedule(self.optimizer, config)
         self.rng = random.Random(config.seed)
         self.step = 0
@@ -456,7 +494,15 @@ class Trainer:
         """One rollout per text. Dynamic batching, seeded per batch: a prompt drawn twice into
         one batch gets two different samples (per-prompt seeds would give it the same one
         twice). With a thinking budget the rows are budget-forced, each with its own seed."""
-        rollout = HFGenerator(source, batch_size=len(texts), batch_invariant=False)
+        with packed_linears(source.model, rows=len(texts)):
+            generated = self._generate(
+                HFGenerator(source, len(texts), batch_invariant=False), texts, decoding
+            )
+        return generated
+
+    def _generate(
+        self, rollout: HFGenerator, texts: Sequence[str], decoding: Decoding
+    ) -> list[Generation]:
         budget = self.reasoning.max_thinking_tokens
         if budget is not None:
             forced = BudgetForcedGenerator(rollout, self.tokenizer, self.format, budget)
