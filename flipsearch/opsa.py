@@ -495,10 +495,9 @@ class Trainer:
         one batch gets two different samples (per-prompt seeds would give it the same one
         twice). With a thinking budget the rows are budget-forced, each with its own seed."""
         with packed_linears(source.model, rows=len(texts)):
-            generated = self._generate(
+            return self._generate(
                 HFGenerator(source, len(texts), batch_invariant=False), texts, decoding
             )
-        return generated
 
     def _generate(
         self, rollout: HFGenerator, texts: Sequence[str], decoding: Decoding
