@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flipsearch.backends import BackendSpec, option_fields
 from flipsearch.backends._base import Decoding, option
@@ -21,7 +21,9 @@ from flipsearch.judging import judge_names
 from flipsearch.judging._base import SCOPES
 from flipsearch.models import check_device, check_dtype, check_model_name
 from flipsearch.reasoning import DEFAULT_END, DEFAULT_START, ReasoningSettings
-from flipsearch.search import SearchSettings
+
+if TYPE_CHECKING:  # search imports optuna and pandas; training needs neither
+    from flipsearch.search import SearchSettings
 
 
 @dataclass
@@ -447,6 +449,8 @@ class RunConfig:
         return Decoding(d.max_new_tokens, d.temperature, d.top_p, d.samples, self.seed)
 
     def search_settings(self) -> SearchSettings:
+        from flipsearch.search import SearchSettings
+
         s = self.search
         return SearchSettings(
             s.trials,

@@ -9,9 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from flipsearch.backends._base import Decoding, Generation, Generator
 from flipsearch.backends.cache import GenerationCache, generate_cached
@@ -32,6 +30,9 @@ from flipsearch.reasoning import (
     reasoning_window,
     with_budget,
 )
+
+if TYPE_CHECKING:  # pandas loads when a table is built, not with training
+    import pandas as pd
 
 
 class Evaluator:
@@ -343,6 +344,8 @@ class FlipRateResult:
     def to_pandas(self) -> pd.DataFrame:
         """One row per context (best first), with counts, intervals and a paired p-value
         against the best context on the same prompts."""
+        import pandas as pd  # lazily: a training process never builds a table
+
         ranked = self.ranked()
         rows = []
         for score in ranked:

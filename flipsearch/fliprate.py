@@ -18,9 +18,8 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
-
-from scipy.stats import binomtest, norm
 
 from flipsearch.backends._base import Generation
 from flipsearch.contexts import Context
@@ -33,7 +32,7 @@ def wilson_interval(successes: float, n: float, confidence: float = 0.95) -> tup
     """Wilson score interval; (0, 1) when there is no data. Fractional counts are allowed."""
     if n <= 0:
         return 0.0, 1.0
-    z = float(norm.ppf(0.5 + confidence / 2))
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
     p = successes / n
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
@@ -97,6 +96,8 @@ def mcnemar_exact(b: int, c: int) -> float:
     """Exact (binomial) McNemar p-value from the two discordant counts."""
     if b + c == 0:
         return 1.0
+    from scipy.stats import binomtest  # lazily: 60 MB a training process need not hold
+
     return float(binomtest(b, b + c, 0.5).pvalue)
 
 

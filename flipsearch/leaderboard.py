@@ -11,12 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from flipsearch.contexts import Context
 from flipsearch.fliprate import ContextScore, Judged, Rate, compare, paired_test
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 RATES = ("flip_rate", "absolute_flip_rate", "unflip_rate", "benign_refusal")
 
@@ -217,6 +218,8 @@ def to_frame(
 ) -> pd.DataFrame:
     """The leaderboard table: one row per context, best first, with paired p-values against
     the leader, the finalists' selection-split (held-out) rates and the winner's final ones."""
+    import pandas as pd  # lazily: a training process never builds a leaderboard
+
     holdout_by_id = {s.context.id: s for s in holdout}
     leader = ranked[0].outcomes if ranked else {}
     records = []

@@ -48,7 +48,7 @@ from flipsearch.backends._base import Decoding, Generation
 from flipsearch.backends.hf import HFGenerator
 from flipsearch.config import TrainConfig
 from flipsearch.contexts import Context, Renderer, context_from_arg
-from flipsearch.cpu_kernels import keep_freed_memory, packed_linears
+from flipsearch.cpu_kernels import allocate_adam_state, keep_freed_memory, packed_linears
 from flipsearch.errors import FlipsearchError
 from flipsearch.io import prepare_out_dir, write_atomic
 from flipsearch.lean_layers import lean_activations
@@ -194,31 +194,33 @@ class Example:
     reasoning_tokens: int = 0  # the response's leading reasoning tokens, end marker included
 
 
-def _sequences(examples: Sequence[Example], teacher: bool, pad_id: int) -> tuple[Any, Any, Any]:
-    """Right-padded input ids, attention mask, and the (row, position) of each response token's
-    predicting logit, in order."""
+def _sequences(examples: Sequence[Example], teacher: bool, pad_id: int) -> tuple[Any, Any]:
+    """Right-padded input ids and the (row, position) of each response token's predicting
+    logit, in order."""
     prompts = [e.teacher_prompt if teacher else e.student_prompt for e in examples]
     rows = [p + e.response for p, e in zip(prompts, examples, strict=True)]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
     where_row: list[int] = []
     where_col: list[int] = []
     for i, (row, prompt, example) in enumerate(zip(rows, prompts, examples, strict=True)):
         ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
         where_row += [i] * len(example.response)
         where_col += range(len(prompt) - 1, len(prompt) - 1 + len(example.response))
-    return ids, mask, (torch.tensor(where_row), torch.tensor(where_col))
+    return ids, (torch.tensor(where_row), torch.tensor(where_col))
 
 
-def _hidden(model: Any, ids: torch.Tensor, mask: torch.Tensor, autocast: Any) -> torch.Tensor:
-    """Final hidden states (B, T, H); logits are made from them chunk by chunk. With
-    gradients, the gated MLPs and RMSNorms keep fewer activations (flipsearch/lean_layers.py)."""
+def _hidden(model: Any, ids: torch.Tensor, autocast: Any) -> torch.Tensor:
+    """Final hidden states (B, T, H) of right-padded rows; logits are made from them chunk by
+    chunk. No attention mask: under causal attention a real token only sees positions before
+    it, and with the padding on the right those are all real, so only the padding's own (unused)
+    outputs would change. Without a mask, attention takes the fused causal kernel, which keeps
+    one number per query and reads grouped keys and values without copying them per head. With
+    gradients, the MLPs, norms and embedding keep less (flipsearch/lean_layers.py)."""
     device_type = "cpu" if ids.device.type == "cpu" else "cuda"
     lean = lean_activations(model) if torch.is_grad_enabled() else nullcontext()
     with lean, torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
-        return model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return model.model(input_ids=ids, use_cache=False).last_hidden_state
 
 
 def distillation_loss(
@@ -236,14 +238,14 @@ def distillation_loss(
     memory grows with the chunk, not with vocabulary x response length.
     """
     device = next(student.parameters()).device
-    s_ids, s_mask, s_where = _sequences(examples, teacher=False, pad_id=pad_id)
-    t_ids, t_mask, t_where = _sequences(examples, teacher=True, pad_id=pad_id)
+    s_ids, s_where = _sequences(examples, teacher=False, pad_id=pad_id)
+    t_ids, t_where = _sequences(examples, teacher=True, pad_id=pad_id)
     tokens = torch.tensor([t for e in examples for t in e.response], device=device)
     positions = torch.tensor([i for e in examples for i in range(len(e.response))])
     with torch.no_grad():
-        t_hidden = _hidden(teacher, t_ids.to(device), t_mask.to(device), autocast)
+        t_hidden = _hidden(teacher, t_ids.to(device), autocast)
         t_states = t_hidden[t_where[0], t_where[1]]
-    s_hidden = _hidden(student, s_ids.to(device), s_mask.to(device), autocast)
+    s_hidden = _hidden(student, s_ids.to(device), autocast)
     s_states = s_hidden[s_where[0], s_where[1]]
     detached = s_states.detach().requires_grad_(True)
     total = len(tokens)
@@ -279,9 +281,9 @@ def sft_loss(
 ) -> dict[str, Any]:
     """The off-policy baseline: NLL of the teacher's responses under the plain prompt."""
     device = next(student.parameters()).device
-    ids, mask, where = _sequences(examples, teacher=False, pad_id=pad_id)
+    ids, where = _sequences(examples, teacher=False, pad_id=pad_id)
     tokens = torch.tensor([t for e in examples for t in e.response], device=device)
-    hidden = _hidden(student, ids.to(device), mask.to(device), autocast)
+    hidden = _hidden(student, ids.to(device), autocast)
     logits = student.lm_head(hidden[where[0], where[1]]).float()
     nll = F.cross_entropy(logits, tokens, reduction="none")
     (nll.mean() * scale).backward()
@@ -441,6 +443,7 @@ class Trainer:
             weight_decay=config.weight_decay,
             fused=self.model.device.type in ("cpu", "cuda"),
         )
+        allocate_adam_state(self.optimizer)
         if self.model.device.type == "cpu":
             keep_freed_memory()  # vocabulary-wide logits each chunk (flipsearch/cpu_kernels.py)
         self.scheduler = _schedule(self.optimizer, config)

@@ -27,7 +27,6 @@ import math
 from collections.abc import Iterable, Mapping
 
 import optuna
-import scipy.stats as ss
 from optuna.trial import FrozenTrial, TrialState
 
 INFEASIBLE = "infeasible"  # user attr: the trial's benign refusal is surely over the limit
@@ -106,6 +105,8 @@ def paired_p(mine: Mapping[int, float], theirs: Mapping[int, float]) -> float:
     diffs = [mine[s] - theirs[s] for s in mine]
     if sum(diffs) >= 0:
         return 1.0
+    import scipy.stats as ss  # lazily: 60 MB that a process which never prunes need not hold
+
     return float(ss.wilcoxon(diffs, alternative="less", zero_method="zsplit").pvalue)
 
 

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
-from jinja2 import Environment, FileSystemLoader, select_autoescape
+from typing import TYPE_CHECKING, Any
 
 from flipsearch._resources import data_path
 from flipsearch.errors import FlipsearchError
@@ -23,9 +20,13 @@ from flipsearch.plots import data_uri as _data_uri
 from flipsearch.plots import pyplot as _pyplot
 from flipsearch.report_validation import read_validation, validation_view
 
+if TYPE_CHECKING:  # pandas and Jinja2 load when a report is rendered, not with the package
+    import pandas as pd
+
 
 def render_report(run_dir: str | Path, templates: str | Path | None = None) -> Path:
     """(Re)write ``report.html`` in a run directory from its files; returns the path."""
+    import pandas as pd
     from jinja2 import UndefinedError
 
     run_dir = Path(run_dir)
@@ -72,6 +73,8 @@ def _html(
 ) -> str:
     """The report page, from the checked run files."""
     info, leaderboard, results = files.info, files.leaderboard, files.results
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
     token_kl, training, train_metrics = files.token_kl, files.training, files.train_metrics
     env = Environment(loader=FileSystemLoader(folder), autoescape=select_autoescape(["html", "j2"]))
     env.filters["pct"] = _pct
@@ -234,6 +237,8 @@ def _optional_json(path: Path) -> dict[str, Any] | None:
 
 
 def _read_leaderboard(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     read_text(path)  # not UTF-8 is named with its line, as for every other file
     try:
         leaderboard = pd.read_csv(path)
@@ -263,6 +268,8 @@ def _read_results(path: Path) -> pd.DataFrame:
         missing = [k for k in RESULT_KEYS if k not in row]
         if missing:
             raise FlipsearchError(f"{path}:{number}: a result without {missing}")
+    import pandas as pd
+
     try:
         return pd.read_json(path, lines=True, dtype={"context": "object"})
     except ValueError as exc:
@@ -372,6 +379,8 @@ def category_rates(results: pd.DataFrame, context: str) -> list[dict[str, Any]]:
     teacher sample is not safe); a prompt whose student samples are all undecided leaves the
     pool. With one greedy sample per prompt these are 0/1 counts.
     """
+    import pandas as pd
+
     harmful = results[results["kind"] == "harmful"]
     student = harmful[harmful["context"].isna()]
     teacher = harmful[harmful["context"] == context]

@@ -15,9 +15,8 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import yaml
 from rich.console import Console
 
@@ -57,6 +56,9 @@ from flipsearch.search import (
     trial_rows,
 )
 from flipsearch.session import PromptSource, Session
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["RunConfig", "RunResult", "flip_rate", "run", "search"]
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.timeout(2700)
 def test_embedded_model_run_end_to_end(tmp_path):
     out = tmp_path / "run"
-    # Every seed context once (26 trials), on the first 16 prompts of each kind.
+    # 20 trials (most of the seed contexts once), on the first 16 prompts of each kind.
     args = [
         sys.executable,
         "-m",
@@ -22,7 +22,7 @@ def test_embedded_model_run_end_to_end(tmp_path):
         "--limit",
         "16",
         "--trials",
-        "26",
+        "20",
         "--max-new-tokens",
         "24",
         "--out",
@@ -51,11 +51,19 @@ def test_embedded_model_run_end_to_end(tmp_path):
 
 def _validate_smaller(out):
     """``flipsearch validate`` on that run, smaller than its default: three contexts from the
-    winner down to the control, one seed, two steps, eight evaluation prompts of each kind."""
+    winner down to the control, one seed, two steps of four prompts, eight evaluation prompts of
+    each kind."""
     from flipsearch.validate import validate
 
     result = validate(
-        out, steps=2, train_seeds=1, runners_up=0, between=1, eval_limit=8, bootstrap=200
+        out,
+        steps=2,
+        batch_size=4,
+        train_seeds=1,
+        runners_up=0,
+        between=1,
+        eval_limit=8,
+        bootstrap=200,
     )
     contexts = result.contexts()
     assert list(contexts["role"]) == ["winner", "between", "control"]
