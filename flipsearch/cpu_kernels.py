@@ -95,7 +95,9 @@ def allocate_adam_state(optimizer: torch.optim.Optimizer) -> None:
                 "exp_avg_sq": torch.zeros_like(parameter, memory_format=torch.preserve_format),
             }
             if group.get("amsgrad"):
-                state["max_exp_avg_sq"] = torch.zeros_like(parameter)
+                state["max_exp_avg_sq"] = torch.zeros_like(
+                    parameter, memory_format=torch.preserve_format
+                )
             optimizer.state[parameter] = state
 
 

@@ -216,7 +216,7 @@ def _hidden(model: Any, ids: torch.Tensor, autocast: Any) -> torch.Tensor:
     it, and with the padding on the right those are all real, so only the padding's own (unused)
     outputs would change. Without a mask, attention takes the fused causal kernel, which keeps
     one number per query and reads grouped keys and values without copying them per head. With
-    gradients, the MLPs, norms and embedding keep less (flipsearch/lean_layers.py)."""
+    gradients, the MLPs, norms, attention and embedding keep less (flipsearch/lean_layers.py)."""
     device_type = "cpu" if ids.device.type == "cpu" else "cuda"
     lean = lean_activations(model) if torch.is_grad_enabled() else nullcontext()
     with lean, torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):

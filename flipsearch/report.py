@@ -72,9 +72,9 @@ def _html(
     categories: list[dict[str, Any]],
 ) -> str:
     """The report page, from the checked run files."""
-    info, leaderboard, results = files.info, files.leaderboard, files.results
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+    info, leaderboard, results = files.info, files.leaderboard, files.results
     token_kl, training, train_metrics = files.token_kl, files.training, files.train_metrics
     env = Environment(loader=FileSystemLoader(folder), autoescape=select_autoescape(["html", "j2"]))
     env.filters["pct"] = _pct
